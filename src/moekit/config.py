@@ -1,0 +1,148 @@
+"""Configuration dataclasses. Plain data, validated at construction with errors that name the bad value.
+
+`MoEConfig` describes one Mixture-of-Experts layer: every option a paper names has a field here, and the
+defaults are those of the most common modern recipe (Mixtral-style SwiGLU experts, softmax top-2, dropless).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+ROUTERS = ("topk", "noisy_topk", "deepseek", "expert_choice", "top_p", "hash", "hierarchical")
+SOFTMAX_ORDERS = ("softmax_topk", "topk_softmax")
+SCORE_FUNCS = ("softmax", "sigmoid")
+OVERFLOW_POLICIES = ("drop", "reroute")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(map(repr, allowed))}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass
+class MoEConfig:
+    """One MoE layer: router, experts, capacity, balancing and shared experts.
+
+    Field groups follow the layer's path: sizes, experts, router, capacity, balancing, shared experts, execution.
+    """
+
+    # --- sizes ---
+    d_model: int = 512  # hidden size of the token stream (the layer's input and output width)
+    d_ff: int = 1024  # hidden width of ONE routed expert; fine-grained experts (DeepSeekMoE) just make this small
+    num_experts: int = 8  # routed experts E
+    top_k: int = 2  # experts per token K (max K for top_p; average experts per token for expert_choice)
+
+    # --- experts ---
+    activation: str = "swiglu"  # swiglu/geglu: gated 3-matrix (Mixtral, DeepSeek); relu/gelu/silu: 2-matrix (Switch)
+    expert_bias: bool = False  # biases in expert projections (GPT-OSS, original Switch); most modern MoEs have none
+
+    # --- router ---
+    router: str = "topk"  # one of ROUTERS
+    softmax_order: str = "softmax_topk"  # softmax over all E then top-k (Switch/Qwen/OLMoE) or top-k then softmax (Mixtral)
+    norm_topk_prob: bool = True  # renormalise the k selected weights to sum to 1 (Mixtral, Qwen3; not Switch/OLMoE)
+    router_bias: bool = False  # a learned bias in the router projection (GPT-OSS)
+    score_func: str = "softmax"  # deepseek router: sigmoid (V3) or softmax (V2) expert affinities
+    n_group: int = 1  # deepseek/hierarchical: experts split into this many groups (devices/nodes in DeepSeek)
+    topk_group: int = 1  # deepseek/hierarchical: groups a token may route into
+    routed_scaling_factor: float = 1.0  # deepseek: routed output multiplied by this (V3: 2.5)
+    top_p: float = 0.5  # top_p router: probability mass a token's experts must reach (Huang et al. 2024 use 0.4)
+    noise_eps: float = 1e-2  # noisy_topk: floor added to the softplus noise std (Shazeer et al. 2017 code)
+    hash_seed: int = 0  # hash router: seed of the fixed token-id -> expert hash
+    selection_bias: bool = False  # per-expert bias added to scores only to choose experts (aux-loss-free balancing)
+    bias_update_rate: float = 0.0  # gamma of the aux-loss-free update b_i += gamma*sign(mean_load - load_i); 0 = off
+
+    # --- capacity ---
+    capacity_factor: float | None = None  # None = dropless; else C = ceil(cf * T * K / E) slots per expert
+    overflow: str = "drop"  # what happens to slots over capacity: drop (residual carries them) or reroute
+    min_capacity: int = 1  # lower bound on C so tiny batches still route (GShard uses 4 in some configs)
+
+    # --- load balancing losses (each computed whenever its coefficient is non-zero) ---
+    aux_loss_coef: float = 0.0  # Switch/GShard  E * sum_i f_i P_i  (Switch uses 1e-2)
+    cv2_loss_coef: float = 0.0  # Shazeer 2017 importance + load CV^2 (paper uses 0.1 for each)
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss (paper uses 1e-3)
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss alpha (paper uses 1e-4)
+
+    # --- shared experts ---
+    num_shared_experts: int = 0  # always-on experts (DeepSeekMoE, Qwen2-MoE); run as one FFN of n * shared width
+    shared_d_ff: int | None = None  # width of ONE shared expert; None = d_ff
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x . w_gate)
+
+    # --- execution ---
+    expert_impl: str = "auto"  # grouped_mm (torch._grouped_mm) where available, else a loop of torch.mm per segment
+    checkpoint_experts: bool = False  # recompute expert activations in backward to save memory
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "num_experts", "top_k", "n_group", "topk_group", "min_capacity"):
+            _positive_int(name, getattr(self, name))
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("router", self.router, ROUTERS)
+        _choice("softmax_order", self.softmax_order, SOFTMAX_ORDERS)
+        _choice("score_func", self.score_func, SCORE_FUNCS)
+        _choice("overflow", self.overflow, OVERFLOW_POLICIES)
+        _choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if self.capacity_factor is not None:
+            if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) or not (
+                math.isfinite(self.capacity_factor) and self.capacity_factor > 0
+            ):
+                raise ValueError(f"capacity_factor must be None (dropless) or a number > 0, got {self.capacity_factor!r}")
+        if self.router in ("deepseek", "hierarchical"):
+            if self.num_experts % self.n_group:
+                raise ValueError(f"num_experts={self.num_experts} must be divisible by n_group={self.n_group}")
+            if self.topk_group > self.n_group:
+                raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
+            per_group = self.num_experts // self.n_group
+            if self.top_k > self.topk_group * per_group:
+                raise ValueError(
+                    f"top_k={self.top_k} exceeds the {self.topk_group * per_group} experts reachable in "
+                    f"topk_group={self.topk_group} groups of {per_group}"
+                )
+        if self.router == "deepseek" and self.score_func == "sigmoid" and self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise ValueError("deepseek sigmoid routing scores a group by its top-2 experts: need >= 2 experts per group")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.router == "expert_choice" and self.overflow == "reroute" and self.capacity_factor is not None:
+            raise ValueError("overflow='reroute' does not apply to expert_choice routing (experts pick tokens)")
+        for name in ("aux_loss_coef", "cv2_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "noise_eps"):
+            _non_negative(name, getattr(self, name))
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
+        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
+        if self.shared_d_ff is not None:
+            _positive_int("shared_d_ff", self.shared_d_ff)
+        if self.bias_update_rate > 0 and not self.selection_bias:
+            raise ValueError("bias_update_rate > 0 needs selection_bias=True (the bias it updates)")
+        if self.selection_bias and self.router in ("hash", "expert_choice"):
+            raise ValueError(f"selection_bias has no effect on the {self.router!r} router")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig field(s) {unknown}: expected a subset of {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,190 @@
+"""Experts: E feed-forward networks stored as stacked tensors, run as grouped matrix multiplies.
+
+Legend: M rows (token-slots sorted by expert), D model dim, F expert hidden dim, E experts.
+
+`Experts.forward` takes rows already grouped into contiguous per-expert segments (the dispatcher's job) and the
+number of rows per expert. It never sees routing: experts do not know how rows were chosen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import ACTIVATIONS, EXPERT_IMPLS, GATED_ACTIVATIONS
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def activate(h_MX: Tensor, activation: str) -> Tensor:
+    """Apply an FFN activation; gated ones split `h` into (gate, up) halves along the last dim."""
+    if activation == "swiglu":
+        gate, up = h_MX.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "geglu":
+        gate, up = h_MX.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+    if activation == "relu":
+        return F.relu(h_MX)
+    if activation == "gelu":
+        return F.gelu(h_MX)
+    if activation == "silu":
+        return F.silu(h_MX)
+    raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    torch._grouped_mm's CPU backward rejects stride-0 (expanded) gradients such as the one `out.sum().backward()`
+    produces ("Invalid strides/sizes"); this is the narrowest place to fix it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
+def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
+    """Whether `torch._grouped_mm` can run x @ w[e] for this device and dtype in the installed torch."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in _GROUPED_MM_DTYPES or w.dtype != x.dtype:
+        return False
+    if x.device.type == "cpu":
+        # The CPU kernel exists from torch 2.9 and wants 16-byte aligned operands.
+        return x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor, impl: str = "auto") -> Tensor:
+    """Segment-wise matrix multiply: rows offsets[e-1]:offsets[e] of x times w[e].
+
+    Args:
+        x_MD: [M, D] rows grouped by expert.
+        w_EDF: [E, D, F] stacked weights.
+        counts_E: [E] int64 rows per expert.
+        offsets_E: [E] int32 cumulative row counts (end offset of each expert's segment), on x's device.
+        impl: "grouped_mm", "loop" or "auto" (grouped_mm when the installed torch supports it here).
+    Returns:
+        [M, F].
+    """
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"unknown expert_impl {impl!r}: expected one of {', '.join(map(repr, EXPERT_IMPLS))}")
+    if impl != "loop" and grouped_mm_available(x_MD, w_EDF):
+        return _ContiguousGrad.apply(torch._grouped_mm(x_MD, w_EDF, offs=offsets_E))
+    if impl == "grouped_mm":
+        raise RuntimeError(
+            f"expert_impl='grouped_mm' is not available for dtype {x_MD.dtype} on {x_MD.device} with torch "
+            f"{torch.__version__}; use expert_impl='auto' or 'loop'"
+        )
+    counts = counts_E.tolist()
+    parts = [x_e @ w_EDF[e] for e, x_e in enumerate(x_MD.split(counts)) if counts[e]]
+    if not parts:
+        return x_MD.new_zeros(x_MD.shape[0], w_EDF.shape[-1])
+    return torch.cat(parts)
+
+
+class Experts(nn.Module):
+    """E independent FFN experts with stacked weights.
+
+    Weights are stored in the layout the grouped multiply consumes directly: `w_in [E, D, F]` (`[E, D, 2F]` for
+    gated activations: gate then up, fused into one multiply) and `w_out [E, F, D]`.
+
+    Args:
+        num_experts: E.
+        d_model: D.
+        d_ff: F, the hidden width of one expert (small for fine-grained experts).
+        activation: one of swiglu, geglu, relu, gelu, silu.
+        bias: add per-expert biases to both projections.
+        impl: "auto", "grouped_mm" or "loop".
+    """
+
+    def __init__(
+        self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", bias: bool = False, impl: str = "auto"
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation, self.impl = activation, impl
+        width_in = 2 * d_ff if activation in GATED_ACTIVATIONS else d_ff
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width_in))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, width_in)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Each expert is initialised like an nn.Linear of its own fan-in.
+        nn.init.uniform_(self.w_in, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
+
+    def forward(self, x_MD: Tensor, counts_E: Tensor) -> Tensor:
+        """Run each expert on its segment.
+
+        Args:
+            x_MD: [M, D] rows sorted so that expert e's rows are contiguous, in expert order.
+            counts_E: [E] int64 rows per expert, summing to M.
+        Returns:
+            [M, D] expert outputs, row-aligned with x.
+        """
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        w_in, w_out = self.w_in, self.w_out
+        if x_MD.dtype != w_in.dtype:  # autocast does not cover grouped_mm: run in the activation dtype
+            w_in, w_out = w_in.to(x_MD.dtype), w_out.to(x_MD.dtype)
+        h_MX = grouped_mm(x_MD, w_in, counts_E, offsets_E, self.impl)
+        if self.b_in is not None:
+            h_MX = h_MX + self._segment_bias(self.b_in, counts_E, x_MD)
+        h_MF = activate(h_MX, self.activation)
+        y_MD = grouped_mm(h_MF, w_out, counts_E, offsets_E, self.impl)
+        if self.b_out is not None:
+            y_MD = y_MD + self._segment_bias(self.b_out, counts_E, x_MD)
+        return y_MD
+
+    def _segment_bias(self, b_EX: Tensor, counts_E: Tensor, like: Tensor) -> Tensor:
+        return b_EX.to(like.dtype).repeat_interleave(counts_E, dim=0, output_size=like.shape[0])
+
+    def expert_forward(self, e: int, x_ND: Tensor) -> Tensor:
+        """The plain forward of expert `e` alone (used by the reference implementation and by tests)."""
+        h = x_ND @ self.w_in[e]
+        if self.b_in is not None:
+            h = h + self.b_in[e]
+        y = activate(h, self.activation) @ self.w_out[e]
+        if self.b_out is not None:
+            y = y + self.b_out[e]
+        return y
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation}"
+
+
+class FFN(nn.Module):
+    """A dense feed-forward block with the same activations as the experts (shared experts, dense baselines).
+
+    Args:
+        d_model: D.
+        d_ff: hidden width.
+        activation: one of swiglu, geglu, relu, gelu, silu.
+        bias: biases in both projections.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", bias: bool = False) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
+        self.activation = activation
+        width_in = 2 * d_ff if activation in GATED_ACTIVATIONS else d_ff
+        self.w_in = nn.Linear(d_model, width_in, bias=bias)
+        self.w_out = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., D] -> [..., D]."""
+        return self.w_out(activate(self.w_in(x), self.activation))
