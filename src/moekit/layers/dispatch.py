@@ -197,27 +197,59 @@ def _plan_expert_choice(router_output: RouterOutput, num_experts: int) -> Dispat
     )
 
 
-def combine(y_MD: Tensor, dispatch_plan: DispatchPlan) -> Tensor:
-    """Weight each expert output by its slot's combine weight and sum per token, in token order.
+def _scatter_sum(y_MD: Tensor, p: DispatchPlan) -> Tensor:
+    """Sum rows into their tokens: [M, D] -> [T, D], in a fixed order (no floating-point atomics)."""
+    T, D = p.num_tokens, y_MD.shape[-1]
+    if y_MD.device.type == "cpu" or p.slots_per_token == 0:
+        # The CPU index_add adds each token's rows in plan order on one thread per column: deterministic.
+        return y_MD.new_zeros(T, D).index_add_(0, p.token_index, y_MD)
+    # Accelerators add with atomics; put each row in its [T, K] slot and reduce over K instead.
+    K = p.slots_per_token
+    slots_ND = y_MD.new_zeros(T * K, D).index_copy_(0, p.slot_index, y_MD)
+    return slots_ND.view(T, K, D).sum(dim=1)
 
-    Token choice: the M rows go back to their [T, K] slots (empty or dropped slots stay zero) and each token's K
-    slots are summed with a batched [1, K] x [K, D] product — a fixed summation order, deterministic everywhere.
-    Expert choice: a token may hold any number of slots, so rows are scatter-added (deterministic on CPU; on CUDA
-    use torch.use_deterministic_algorithms for bitwise reproducibility).
+
+class _Gather(torch.autograd.Function):
+    """x[token_index] whose backward is the deterministic scatter-sum (advanced indexing's is a slow index_put)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, p: DispatchPlan) -> Tensor:  # type: ignore[override]
+        ctx.plan = p
+        return x_TD.index_select(0, p.token_index)
+
+    @staticmethod
+    def backward(ctx, grad_MD: Tensor):  # type: ignore[override]
+        return _scatter_sum(grad_MD.contiguous(), ctx.plan), None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_MD: Tensor, p: DispatchPlan) -> Tensor:  # type: ignore[override]
+        ctx.plan = p
+        return _scatter_sum(y_MD, p)
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):  # type: ignore[override]
+        return grad_TD.index_select(0, ctx.plan.token_index), None
+
+
+def gather(x_TD: Tensor, dispatch_plan: DispatchPlan) -> Tensor:
+    """The input rows of every kept slot, grouped by expert: [T, D] -> [M, D]."""
+    return _Gather.apply(x_TD, dispatch_plan)
+
+
+def combine(y_MD: Tensor, dispatch_plan: DispatchPlan) -> Tensor:
+    """Sum each token's (already weighted) expert outputs back in token order: [M, D] -> [T, D].
+
+    Rows of dropped and empty slots simply do not exist, so they contribute nothing. The sum order is fixed by the
+    plan, so the output is bit-identical run after run (CPU: a sequential index_add; accelerators: each row placed
+    in its [T, K] slot, then a reduction over K; expert choice on accelerators is reproducible under
+    torch.use_deterministic_algorithms).
 
     Args:
-        y_MD: [M, D] expert outputs in plan order.
+        y_MD: [M, D] expert outputs in plan order, already multiplied by their combine weights.
         dispatch_plan: the plan that produced the rows.
     Returns:
-        [T, D] combined output, in y's dtype.
+        [T, D].
     """
-    p = dispatch_plan
-    T, D = p.num_tokens, y_MD.shape[-1]
-    w_M = p.weights.to(y_MD.dtype)
-    if p.slots_per_token == 0:
-        out_TD = y_MD.new_zeros(T, D)
-        return out_TD.index_add(0, p.token_index, y_MD * w_M.unsqueeze(1))
-    K = p.slots_per_token
-    slots_ND = y_MD.new_zeros(T * K, D).index_copy(0, p.slot_index, y_MD)
-    w_TK = y_MD.new_zeros(T * K).index_copy(0, p.slot_index, w_M).view(T, 1, K)
-    return torch.bmm(w_TK, slots_ND.view(T, K, D)).view(T, D)
+    return _Combine.apply(y_MD, dispatch_plan)

@@ -127,14 +127,16 @@ class Experts(nn.Module):
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
 
-    def forward(self, x_MD: Tensor, counts_E: Tensor) -> Tensor:
+    def forward(self, x_MD: Tensor, counts_E: Tensor, scale_M: Tensor | None = None) -> Tensor:
         """Run each expert on its segment.
 
         Args:
             x_MD: [M, D] rows sorted so that expert e's rows are contiguous, in expert order.
             counts_E: [E] int64 rows per expert, summing to M.
+            scale_M: optional [M] per-row output scale (the combine weights). It is applied to the hidden
+                activations, before the (linear) down projection, where rows are narrower when F < D.
         Returns:
-            [M, D] expert outputs, row-aligned with x.
+            [M, D] expert outputs (times scale_M), row-aligned with x.
         """
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         w_in, w_out = self.w_in, self.w_out
@@ -144,9 +146,13 @@ class Experts(nn.Module):
         if self.b_in is not None:
             h_MX = h_MX + self._segment_bias(self.b_in, counts_E, x_MD)
         h_MF = activate(h_MX, self.activation)
+        if scale_M is not None:
+            scale_M1 = scale_M.to(h_MF.dtype).unsqueeze(1)
+            h_MF = h_MF * scale_M1
         y_MD = grouped_mm(h_MF, w_out, counts_E, offsets_E, self.impl)
         if self.b_out is not None:
-            y_MD = y_MD + self._segment_bias(self.b_out, counts_E, x_MD)
+            b_out_MD = self._segment_bias(self.b_out, counts_E, x_MD)
+            y_MD = y_MD + (b_out_MD if scale_M is None else b_out_MD * scale_M1)
         return y_MD
 
     def _segment_bias(self, b_EX: Tensor, counts_E: Tensor, like: Tensor) -> Tensor:

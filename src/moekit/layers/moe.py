@@ -97,11 +97,11 @@ class MoE(nn.Module):
             capacity = dispatch.expert_capacity(num_real, cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.min_capacity)
         plan = dispatch.plan(route, cfg.num_experts, capacity, cfg.overflow)
 
-        x_MD = x_TD[plan.token_index]
+        x_MD = dispatch.gather(x_TD, plan)
         if cfg.checkpoint_experts and torch.is_grad_enabled():
-            y_MD = checkpoint(self.experts, x_MD, plan.counts, use_reentrant=False)
+            y_MD = checkpoint(self.experts, x_MD, plan.counts, plan.weights, use_reentrant=False)
         else:
-            y_MD = self.experts(x_MD, plan.counts)
+            y_MD = self.experts(x_MD, plan.counts, plan.weights)  # combine weights applied inside: y = w * E(x)
         y_TD = dispatch.combine(y_MD, plan)
 
         if self.shared_experts is not None:
