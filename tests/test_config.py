@@ -133,9 +133,16 @@ def test_reroute_does_not_apply_to_expert_choice_with_capacity():
         MoEConfig(router="expert_choice", overflow="reroute", capacity_factor=1.0)
 
 
-def test_routed_scaling_factor_must_be_positive():
+@pytest.mark.parametrize("bad", [0.0, -2.5, float("nan"), float("inf"), "2.5", None])
+def test_routed_scaling_factor_must_be_a_finite_positive_number(bad):
     with pytest.raises(ValueError, match="routed_scaling_factor"):
-        MoEConfig(routed_scaling_factor=0.0)
+        MoEConfig(router="deepseek", routed_scaling_factor=bad)
+
+
+@pytest.mark.parametrize("bad", ["0.5", None])
+def test_a_non_numeric_top_p_is_a_value_error_naming_top_p(bad):
+    with pytest.raises(ValueError, match="top_p"):
+        MoEConfig(router="top_p", top_p=bad)
 
 
 def test_shared_expert_sizes_are_validated():

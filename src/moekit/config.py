@@ -115,13 +115,16 @@ class MoEConfig:
                 )
         if self.router == "deepseek" and self.score_func == "sigmoid" and self.n_group > 1 and self.num_experts // self.n_group < 2:
             raise ValueError("deepseek sigmoid routing scores a group by its top-2 experts: need >= 2 experts per group")
-        if not (0.0 < self.top_p <= 1.0):
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.hash_seed, bool) or not isinstance(self.hash_seed, int):
+            raise ValueError(f"hash_seed must be an integer, got {self.hash_seed!r}")
         if self.router == "expert_choice" and self.overflow == "reroute" and self.capacity_factor is not None:
             raise ValueError("overflow='reroute' does not apply to expert_choice routing (experts pick tokens)")
         for name in ("aux_loss_coef", "cv2_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "noise_eps"):
             _non_negative(name, getattr(self, name))
-        if self.routed_scaling_factor <= 0:
+        _non_negative("routed_scaling_factor", self.routed_scaling_factor)
+        if self.routed_scaling_factor == 0:
             raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
         if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")

@@ -350,6 +350,22 @@ def test_micro_batches_accumulate_load_and_one_update_moves_each_bias_by_exactly
     torch.testing.assert_close(moe.router.selection_bias, expected, atol=1e-7, rtol=0)
 
 
+def test_the_bias_update_uses_the_load_summed_over_all_micro_batches_not_the_last_one():
+    # Token j (a one-hot along dimension j) goes to expert j. Micro-batch 1 sends 6 tokens to expert 0, micro-batch 2
+    # sends 2 to expert 1: over the step both are overloaded (mean load 1), though the last one alone has expert 0 idle.
+    rate = 0.01
+    moe = MoE(MoEConfig(d_model=8, d_ff=4, num_experts=8, top_k=1, selection_bias=True, bias_update_rate=rate)).train()
+    with torch.no_grad():
+        moe.router.weight.copy_(10 * torch.eye(8))
+    eye = torch.eye(8)
+    moe(eye[[0, 0, 0, 0, 0, 0]])
+    moe(eye[[1, 1]])
+    moe.update_bias()
+    expected = torch.full((8,), rate)
+    expected[:2] = -rate
+    torch.testing.assert_close(moe.router.selection_bias, expected, atol=1e-7, rtol=0)
+
+
 def test_eval_forwards_do_not_count_toward_the_bias_update():
     moe = skewed_moe(0.05).eval()
     moe(torch.randn(16, 8))

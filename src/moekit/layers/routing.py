@@ -145,7 +145,7 @@ class NoisyTopKRouter(Router):
         kth_plus_TE = top_TK1[:, self.top_k : self.top_k + 1]
         in_top = noisy_TE >= kth_TE
         threshold_TE = torch.where(in_top, kth_plus_TE, kth_TE)
-        return torch.distributions.Normal(0.0, 1.0).cdf((clean_TE - threshold_TE) / std_TE)
+        return torch.special.ndtr((clean_TE - threshold_TE) / std_TE.clamp_min(1e-20))
 
 
 class DeepSeekRouter(Router):
@@ -294,6 +294,7 @@ class HierarchicalRouter(Router):
 
     p(e) = p(group(e)) * p(e | group(e)), each a softmax at its level (in the spirit of Shazeer et al. 2017 §B,
     "hierarchical MoE"); combine weights are p(e) at the chosen experts, renormalised when `norm_topk_prob`.
+    Groups are ranked by p(group) plus the sum of their experts' selection biases, if any.
     `logits` are the expert-level logits (the z-loss sees those).
     """
 
@@ -309,10 +310,12 @@ class HierarchicalRouter(Router):
         group_probs_TG = F.linear(x_TD.float(), self.group_weight.float()).softmax(dim=-1)
         within_TGX = logits_TE.view(T, self.n_group, -1).softmax(dim=-1)
         probs_TE = (group_probs_TG.unsqueeze(-1) * within_TGX).view(T, self.num_experts)
-        top_groups_TX = group_probs_TG.topk(self.topk_group, dim=-1).indices
+        # A group's score is the sum of its experts' (biased) scores: p(group) itself when there is no selection
+        # bias, and with one, the aux-loss-free balancer can move load between groups, not only inside them.
+        scores_TGX = self.biased(probs_TE).view(T, self.n_group, -1)
+        top_groups_TX = scores_TGX.sum(dim=-1).topk(self.topk_group, dim=-1).indices
         keep_TG = torch.zeros_like(group_probs_TG, dtype=torch.bool).scatter_(1, top_groups_TX, True)
-        scores_TE = self.biased(probs_TE).view(T, self.n_group, -1).masked_fill(~keep_TG.unsqueeze(-1), float("-inf"))
-        scores_TE = scores_TE.view(T, self.num_experts)
+        scores_TE = scores_TGX.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, self.num_experts)
         indices_TK = scores_TE.topk(self.top_k, dim=-1).indices
         weights_TK = self.renormalize(probs_TE.gather(1, indices_TK))
         return RouterOutput(weights_TK, indices_TK, logits_TE, probs_TE, scores_TE.detach())
