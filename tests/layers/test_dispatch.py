@@ -23,7 +23,7 @@ SETTINGS = settings(max_examples=35, deadline=None, suppress_health_check=[Healt
 
 def route_of(indices, scores=None, weights=None, num_experts=None) -> RouterOutput:
     """A token-choice router decision from explicit indices [T, K] (and optionally scores [T, E] / weights)."""
-    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1, len(indices[0]) if len(indices) else 1)
+    indices = torch.as_tensor(indices, dtype=torch.long)
     T, K = indices.shape
     if scores is not None:
         scores = torch.as_tensor(scores, dtype=torch.float32)
@@ -202,6 +202,16 @@ def test_reroute_moves_overflow_to_next_best_expert_with_room():
     assert final == [[0], [1], [2], [-1]] and (dropped, rerouted) == (1, 2)
 
 
+def test_reroute_never_uses_a_forbidden_expert_even_with_room():
+    # Group-limited routing (DeepSeek) marks unreachable experts -inf: they stay unreachable for re-routing.
+    scores = [[3.0, 2.0, 1.0], [3.0, float("-inf"), float("-inf")], [3.0, float("-inf"), 0.5]]
+    route = route_of([[0], [0], [0]], scores=scores)
+    p = plan(route, 3, capacity=1, overflow="reroute")
+    assert torch.equal(assignment(p, 3).squeeze(1), torch.tensor([0, -1, 2]))
+    assert int(p.rerouted) == 1 and int(p.dropped) == 1
+    assert torch.equal(p.counts, torch.tensor([1, 0, 1]))  # expert 1 had room and was still not used
+
+
 def test_reroute_never_gives_a_token_an_expert_it_already_uses():
     # t1's two slots both overflow. Its next-best experts after 0 is 1 - but 1 is its own (overflowed) second choice,
     # so its first slot goes to 2, and its second slot finds nothing left: dropped, not a duplicate expert.
@@ -212,6 +222,17 @@ def test_reroute_never_gives_a_token_an_expert_it_already_uses():
     assert torch.equal(final, torch.tensor([[0, 1], [2, -1]]))
     assert int(p.rerouted) == 1 and int(p.dropped) == 1
     assert reference_assignment(route, 3, 1, "reroute") == ([[0, 1], [2, -1]], 1, 1)
+
+
+def test_two_overflowing_slots_of_one_token_never_land_on_the_same_expert():
+    # capacity 2; t2's both slots overflow and both would like expert 2 next (room 2). The earlier slot takes it;
+    # the later one waits a round, then skips expert 2 (now the token's own) and lands on expert 3.
+    scores = [[4.0, 3.0, 2.0, 1.0]] * 3
+    route = route_of([[0, 1]] * 3, scores=scores)
+    p = plan(route, 4, capacity=2, overflow="reroute")
+    assert torch.equal(assignment(p, 4), torch.tensor([[0, 1], [0, 1], [2, 3]]))
+    assert int(p.rerouted) == 2 and int(p.dropped) == 0
+    assert reference_assignment(route, 4, 2, "reroute") == ([[0, 1], [0, 1], [2, 3]], 0, 2)
 
 
 def test_reroute_keeps_the_combine_weight_of_the_original_slot():
@@ -238,7 +259,7 @@ def token_choice_cases(draw):
     cf = draw(st.floats(0.25, 2.0))
     overflow = draw(st.sampled_from(["drop", "reroute"]))
     ties = draw(st.booleans())
-    forbid = draw(st.sampled_from([0.0, 0.3]))  # fraction of -inf scores (group-limited routing)
+    forbid = draw(st.sampled_from([0.0, 0.3, 0.6]))  # fraction of -inf scores (group-limited routing)
     empty = draw(st.sampled_from([0.0, 0.3]))  # fraction of trailing empty slots (top-p routing)
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)

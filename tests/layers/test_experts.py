@@ -152,7 +152,8 @@ def test_grouped_mm_function_is_a_segment_matmul_with_working_sum_backward(impl)
 
 def test_grouped_mm_rejects_unknown_impl():
     with pytest.raises(ValueError, match="expert_impl"):
-        grouped_mm(torch.randn(2, 8), torch.randn(2, 8, 4), torch.tensor([1, 1]), torch.tensor([1, 2], dtype=torch.int32), "fast")
+        offsets = torch.tensor([1, 2], dtype=torch.int32)
+        grouped_mm(torch.randn(2, 8), torch.randn(2, 8, 4), torch.tensor([1, 1]), offsets, "fast")
 
 
 def test_unknown_activation_is_rejected():
@@ -270,3 +271,15 @@ def test_ffn_is_one_dense_expert(activation, bias):
     y = ffn(x)
     assert y.shape == x.shape
     torch.testing.assert_close(y.reshape(-1, D), experts(x.reshape(-1, D), torch.tensor([6])), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_row_scale_multiplies_each_rows_output_bias_included(activation, impl):
+    # The combine weights may be applied inside the experts: y_m = s_m * expert(x_m), the output bias included.
+    experts = make_experts(activation, bias=True, impl=impl)
+    counts = torch.tensor([2, 0, 3, 1])
+    x = torch.randn(6, D)
+    scale = torch.rand(6)
+    y = experts(x, counts, scale)
+    torch.testing.assert_close(y, scale.unsqueeze(1) * loop_forward(experts, x, counts), atol=1e-5, rtol=1e-5)

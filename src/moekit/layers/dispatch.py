@@ -34,7 +34,7 @@ class DispatchPlan:
         token_index: [M] token of each kept slot, sorted by expert.
         slot_index: [M] position of each kept slot in the router's flat slot list ([T*K] token-major for token
             choice, [E*C] for expert choice).
-        weights: [M] combine weight of each kept slot (float32).
+        weights: [M] combine weight of each kept slot (router dtype, float32 or float64).
         counts: [E] int64 kept slots per expert (segment lengths).
         routed_counts: [E] int64 slots the router assigned to each expert before capacity.
         num_tokens: T.
@@ -117,7 +117,7 @@ def plan(
     order_M = order_N[:num_kept]
     token_M = order_M % T if T else order_M
     slot_M = token_M * K + order_M // max(T, 1)
-    weights_M = router_output.weights.reshape(-1)[slot_M].float()
+    weights_M = router_output.weights.reshape(-1)[slot_M]
     return DispatchPlan(token_M, slot_M, weights_M, counts, routed_counts, T, K, capacity, dropped, rerouted)
 
 
@@ -193,7 +193,7 @@ def _plan_expert_choice(router_output: RouterOutput, num_experts: int) -> Dispat
     zero = torch.zeros((), dtype=torch.long, device=device)
     slot_M = torch.arange(E * C, device=device)
     return DispatchPlan(
-        tokens_EC.reshape(-1), slot_M, router_output.weights.reshape(-1).float(), counts, counts.clone(), T, 0, C, zero, zero
+        tokens_EC.reshape(-1), slot_M, router_output.weights.reshape(-1), counts, counts.clone(), T, 0, C, zero, zero
     )
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from moekit.config import ACTIVATIONS, EXPERT_IMPLS, GATED_ACTIVATIONS
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def activate(h_MX: Tensor, activation: str) -> Tensor:
@@ -56,11 +57,16 @@ def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
     """Whether `torch._grouped_mm` can run x @ w[e] for this device and dtype in the installed torch."""
     if not hasattr(torch, "_grouped_mm") or x.dtype not in _GROUPED_MM_DTYPES or w.dtype != x.dtype:
         return False
+    # The kernel wants every row stride to be a multiple of 16 bytes (e.g. widths divisible by 4 in float32).
+    if any(size * x.element_size() % 16 for size in (x.shape[-1], w.shape[-2], w.shape[-1])):
+        return False
     if x.device.type == "cpu":
         # The CPU kernel exists from torch 2.9 and wants 16-byte aligned operands.
-        return x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+        return _TORCH_VERSION >= (2, 9) and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
     if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+        # torch 2.9+ runs it on SM80+; earlier releases only on Hopper (SM90).
+        capability = torch.cuda.get_device_capability(x.device)
+        return capability >= (8, 0) if _TORCH_VERSION >= (2, 9) else capability[0] == 9
     return False
 
 
@@ -78,6 +84,8 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor,
     """
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"unknown expert_impl {impl!r}: expected one of {', '.join(map(repr, EXPERT_IMPLS))}")
+    if x_MD.shape[0] == 0:  # no rows: keep the (empty) result connected to the graph
+        return x_MD @ w_EDF[0]
     if impl != "loop" and grouped_mm_available(x_MD, w_EDF):
         return _ContiguousGrad.apply(torch._grouped_mm(x_MD, w_EDF, offs=offsets_E))
     if impl == "grouped_mm":
@@ -86,10 +94,7 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor,
             f"{torch.__version__}; use expert_impl='auto' or 'loop'"
         )
     counts = counts_E.tolist()
-    parts = [x_e @ w_EDF[e] for e, x_e in enumerate(x_MD.split(counts)) if counts[e]]
-    if not parts:
-        return x_MD.new_zeros(x_MD.shape[0], w_EDF.shape[-1])
-    return torch.cat(parts)
+    return torch.cat([x_e @ w_EDF[e] for e, x_e in enumerate(x_MD.split(counts)) if counts[e]])
 
 
 class Experts(nn.Module):

@@ -173,9 +173,9 @@ class MoE(nn.Module):
         if route.expert_choice:
             tokens = route.indices.reshape(-1)
             experts = torch.arange(E, device=tokens.device).repeat_interleave(route.indices.shape[1])
-            return gates[:, :E].index_put((tokens, experts), route.weights.reshape(-1).float(), accumulate=True)
+            return gates[:, :E].index_put((tokens, experts), route.weights.reshape(-1).to(gates.dtype), accumulate=True)
         cols = torch.where(route.indices >= 0, route.indices, E)
-        return gates.scatter_add(1, cols, route.weights.float())[:, :E]
+        return gates.scatter_add(1, cols, route.weights.to(gates.dtype))[:, :E]
 
     @torch.no_grad()
     def update_bias(self) -> None:

@@ -7,8 +7,8 @@ Token-choice routers fill `indices [T, K]` with the expert of each slot (-1 for 
 or a top-p token that needed fewer than K experts) and `weights [T, K]` with the combine weight of each slot.
 The expert-choice router instead fills `indices [E, C]` with the token each expert picked (`expert_choice=True`).
 
-Router arithmetic runs in float32 whatever the activation dtype: softmax and top-k over bf16 logits flip
-selections (Switch Transformer §2.4 "selective precision").
+Router arithmetic runs in float32 (float64 for float64 input) whatever the activation dtype: softmax and top-k
+over bf16 logits flip selections (Switch Transformer §2.4 "selective precision").
 """
 
 from __future__ import annotations
@@ -67,9 +67,13 @@ class Router(nn.Module):
             self.selection_bias = None
         nn.init.uniform_(self.weight, -1 / math.sqrt(config.d_model), 1 / math.sqrt(config.d_model))
 
+    def router_dtype(self, x_TD: Tensor) -> torch.dtype:
+        return torch.promote_types(x_TD.dtype, torch.float32)  # float32, or float64 for float64 input
+
     def compute_logits(self, x_TD: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return F.linear(x_TD.float(), self.weight.float(), bias)
+        dtype = self.router_dtype(x_TD)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x_TD.to(dtype), self.weight.to(dtype), bias)
 
     def biased(self, scores_TE: Tensor) -> Tensor:
         return scores_TE if self.selection_bias is None else scores_TE + self.selection_bias
@@ -125,7 +129,7 @@ class NoisyTopKRouter(Router):
         clean_TE = self.compute_logits(x_TD)
         load_probs_TE = None
         if self.training:
-            std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + self.noise_eps
+            std_TE = F.softplus(F.linear(x_TD.to(clean_TE.dtype), self.noise_weight.to(clean_TE.dtype))) + self.noise_eps
             noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
             if self.top_k < self.num_experts:
                 load_probs_TE = self._load_probs(clean_TE, noisy_TE, std_TE)
@@ -272,7 +276,7 @@ class HashRouter(Router):
         base_T = hash_token_ids(token_ids_T, self.hash_seed) % self.num_experts
         offsets_K = torch.arange(self.top_k, device=x_TD.device)
         indices_TK = (base_T.unsqueeze(1) + offsets_K) % self.num_experts
-        weights_TK = torch.full(indices_TK.shape, 1.0 / self.top_k, device=x_TD.device)
+        weights_TK = torch.full(indices_TK.shape, 1.0 / self.top_k, device=x_TD.device, dtype=logits_TE.dtype)
         probs_TE = torch.zeros_like(logits_TE).scatter_(1, indices_TK, weights_TK)
         return RouterOutput(weights_TK, indices_TK, logits_TE, probs_TE, probs_TE)
 
@@ -307,7 +311,7 @@ class HierarchicalRouter(Router):
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None) -> RouterOutput:
         T = x_TD.shape[0]
         logits_TE = self.compute_logits(x_TD)
-        group_probs_TG = F.linear(x_TD.float(), self.group_weight.float()).softmax(dim=-1)
+        group_probs_TG = F.linear(x_TD.to(logits_TE.dtype), self.group_weight.to(logits_TE.dtype)).softmax(dim=-1)
         within_TGX = logits_TE.view(T, self.n_group, -1).softmax(dim=-1)
         probs_TE = (group_probs_TG.unsqueeze(-1) * within_TGX).view(T, self.num_experts)
         # A group's score is the sum of its experts' (biased) scores: p(group) itself when there is no selection
