@@ -219,7 +219,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "moe_top_k": 4,
             "moe_jitter_eps": 0,
             "moe_loss_weight": 0.05,
-            "moe_normalize_expert_weights": 1,
+            "moe_normalize_expert_weights": 1.0,  # released as 1; transformers 5 wants a float
         },
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
@@ -378,7 +378,9 @@ class Published:
 PUBLISHED: dict[str, Published] = {
     "mixtral-8x7b": Published("46.7B", "12.9B", "all", "Mistral AI, 'Mixtral of experts' (2023)"),
     "mixtral-8x22b": Published("141B", "39B", "all", "Mistral AI, 'Cheaper, Better, Faster, Stronger' (2024)"),
-    "deepseek-v2": Published("236B", "21B", "all", "DeepSeek-V2 paper (arXiv:2405.04434), abstract"),
+    # DeepSeek's activated counts leave out the input embedding: V2 20.85B -> "21B", V3 36.63B -> "37B", V2-Lite
+    # 2.45B -> "2.4B" (with the embedding they would be 21.38B, 37.55B and 2.66B).
+    "deepseek-v2": Published("236B", "21B", "excl_embedding", "DeepSeek-V2 paper (arXiv:2405.04434), abstract"),
     "deepseek-v3": Published(
         "671B", "37B", "excl_embedding", "DeepSeek-V3 report (arXiv:2412.19437), abstract; MTP module excluded"
     ),

@@ -1,8 +1,14 @@
 """Understanding MoE models: parameter, FLOP and memory accounting (params), routing analysis (later)."""
 
 from moekit.analysis.arch import ArchSpec, arch_from_config, load_config
-from moekit.analysis.params import ParamReport, analyze, format_comparison, format_published_table, format_report
-from moekit.analysis.params import published_comparison
+from moekit.analysis.params import (
+    ParamReport,
+    analyze,
+    format_comparison,
+    format_published_table,
+    format_report,
+    published_comparison,
+)
 
 __all__ = [
     "ArchSpec",

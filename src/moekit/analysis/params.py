@@ -4,13 +4,13 @@ Counting works on an `ArchSpec` (see `analysis/arch.py`), read from a preset, a 
 
 Conventions (published figures differ in them, so every one is reported and named):
 - `total_params` = `sum(p.numel() for p in model.parameters())` of the transformers model built from the same
-  config (tied matrices once). Buffers are not parameters: DeepSeek-V3's `e_score_correction_bias` ([E] per MoE
+  config (tied matrices once; one exception: see the Switch note in `analysis/arch.py`). Buffers are not parameters: DeepSeek-V3's `e_score_correction_bias` ([E] per MoE
   layer, 14,848 in all; kept in the checkpoint) is reported apart as `buffers`. DeepSeek-V3's multi-token-prediction
   module is not built by transformers and is not in the published 671B: reported apart as `mtp_params`.
 - `active_params`: what one token uses — everything except the routed experts it is not sent to (top-k of E in
-  each MoE layer). The whole embedding matrix and output head count (the Mixtral/Qwen/DeepSeek-V2 convention: 12.9B
-  for Mixtral-8x7B). `active_params_excl_embedding` drops the input embedding (GPT-OSS's convention; with tied
-  embeddings the shared matrix stays, as the output head); `active_params_excl_embedding_and_head` drops both
+  each MoE layer). The whole embedding matrix and output head count (the Mixtral/Qwen convention: 12.9B for
+  Mixtral-8x7B). `active_params_excl_embedding` drops the input embedding (the GPT-OSS and DeepSeek convention; with
+  tied embeddings the shared matrix stays, as the output head); `active_params_excl_embedding_and_head` drops both
   (Kaplan et al. 2020's non-embedding N).
 - Forward FLOPs per token = 2 * (active weights that take part in a matrix multiply: every projection, expert,
   router and shared-expert gate, and the output head; not the embedding lookup, norms, biases or sinks)
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.analysis.arch import FFN, ArchSpec, Attention, Layer, MoE, arch_from_config, load_config
+from moekit.analysis.arch import ArchSpec, AttentionSpec, FFNSpec, LayerSpec, MoESpec, arch_from_config, load_config
 
 CATEGORIES = (
     "embedding", "attention", "dense_ffn", "router", "shared_experts", "routed_experts", "norms", "output_head",
@@ -43,8 +43,8 @@ CATEGORIES = (
 )  # fmt: skip
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
 CONVENTIONS = {
-    "all": "active_params: embedding matrix and output head included (Mixtral, Qwen, DeepSeek-V2, DBRX, OLMoE)",
-    "excl_embedding": "active_params_excl_embedding: input embedding excluded (GPT-OSS)",
+    "all": "active_params: embedding matrix and output head included (Mixtral, Qwen, DBRX, OLMoE, GLaM)",
+    "excl_embedding": "active_params_excl_embedding: input embedding excluded (GPT-OSS, DeepSeek)",
     "excl_embedding_and_head": "active_params_excl_embedding_and_head: Kaplan et al. 2020 non-embedding count",
 }
 
@@ -70,13 +70,13 @@ class _Tally:
             self.matmul_all += n
 
 
-def _ffn(f: FFN, d: int) -> tuple[int, int]:
+def _ffn(f: FFNSpec, d: int) -> tuple[int, int]:
     """(weights, biases) of one FFN."""
     n_in = 2 if f.gated else 1  # gate and up projections, or up only
     return (n_in + 1) * d * f.d_ff, (n_in * f.d_ff + d if f.bias else 0)
 
 
-def _add_attention(t: _Tally, a: Attention, d: int) -> None:
+def _add_attention(t: _Tally, a: AttentionSpec, d: int) -> None:
     h, qk, v = a.num_heads, a.qk_head_dim, a.v_head_dim
     if a.kind == "gqa":
         kv = a.num_kv_heads
@@ -97,7 +97,7 @@ def _add_attention(t: _Tally, a: Attention, d: int) -> None:
     t.add("norms", norms, matmul=False)
 
 
-def _add_moe(t: _Tally, m: MoE, d: int) -> None:
+def _add_moe(t: _Tally, m: MoESpec, d: int) -> None:
     t.add("router", d * m.num_experts)
     t.add("router", m.num_experts if m.router_bias else 0, matmul=False)
     weights, bias = _ffn(m.expert, d)
@@ -109,7 +109,7 @@ def _add_moe(t: _Tally, m: MoE, d: int) -> None:
         t.add("shared_experts", bias, matmul=False)
 
 
-def _add_layer(t: _Tally, layer: Layer, d: int, norm_width: int) -> None:
+def _add_layer(t: _Tally, layer: LayerSpec, d: int, norm_width: int) -> None:
     _add_attention(t, layer.attention, d)
     if layer.cross_attention is not None:
         _add_attention(t, layer.cross_attention, d)
@@ -152,7 +152,7 @@ def _mtp_params(spec: ArchSpec) -> int:
 # ---------------------------------------------------------------------------------------------------- FLOPs, KV cache
 
 
-def _attention_flops(a: Attention, ctx: int) -> int:
+def _attention_flops(a: AttentionSpec, ctx: int) -> int:
     return 2 * ctx * a.num_heads * (a.qk_head_dim + a.v_head_dim)  # QK^T and AV, per token
 
 
@@ -166,7 +166,7 @@ def attention_flops_per_token(spec: ArchSpec, context: int) -> int:
     return flops
 
 
-def _kv_values_per_token(a: Attention) -> int:
+def _kv_values_per_token(a: AttentionSpec) -> int:
     if a.kind == "mla":
         return a.kv_lora_rank + a.qk_rope_head_dim  # the latent c_KV and the shared rotary key k_R
     return a.num_kv_heads * (a.qk_head_dim + a.v_head_dim)  # K and V of every key/value head
@@ -306,12 +306,20 @@ def analyze(
 # ---------------------------------------------------------------------------------------------------- published
 
 
-def _matches(ours: int, published: str) -> bool:
-    """True when `ours` rounds to the published figure at the precision it is written with ("46.7B", "1.2T")."""
+def agreement(ours: int, published: str) -> str | None:
+    """How `ours` agrees with a figure written as "46.7B" or "1.2T": "rounds" to it, "truncates" to it, or None.
+
+    Authors round or cut at the digits they print (Qwen3-30B-A3B's 3.353B active is published as "3.3B").
+    """
     scale = {"M": 1e6, "B": 1e9, "T": 1e12}[published[-1]]
     digits = published[:-1]
     decimals = len(digits.split(".")[1]) if "." in digits else 0
-    return round(ours / scale, decimals) == float(digits)
+    value, ulp = float(digits), 10.0**-decimals
+    if round(ours / scale, decimals) == value:
+        return "rounds"
+    if value <= ours / scale < value + ulp:
+        return "truncates"
+    return None
 
 
 def published_comparison(context: int = 4096) -> list[dict[str, Any]]:
@@ -319,7 +327,8 @@ def published_comparison(context: int = 4096) -> list[dict[str, Any]]:
 
     Returns:
         rows with name, published_total, ours_total, published_active, ours_active (in the published
-        convention), convention, all three active counts, matches (bool) and source.
+        convention), convention, all three active counts, total_agrees / active_agrees ("rounds", "truncates"
+        or None, see `agreement`), matches (both agree) and source.
     """
     from moekit.presets import PUBLISHED
 
@@ -332,7 +341,8 @@ def published_comparison(context: int = 4096) -> list[dict[str, Any]]:
             "excl_embedding_and_head": r.active_params_excl_embedding_and_head,
         }
         ours_active = actives[pub.convention]
-        ok = _matches(r.total_params, pub.total) and (pub.active is None or _matches(ours_active, pub.active))
+        total_agrees = agreement(r.total_params, pub.total)
+        active_agrees = agreement(ours_active, pub.active) if pub.active else "n/a"
         rows.append(
             {
                 "name": name,
@@ -342,7 +352,9 @@ def published_comparison(context: int = 4096) -> list[dict[str, Any]]:
                 "ours_active": ours_active,
                 "convention": pub.convention,
                 "active_params": actives,
-                "matches": ok,
+                "total_agrees": total_agrees,
+                "active_agrees": active_agrees,
+                "matches": bool(total_agrees and active_agrees),
                 "source": pub.source,
             }
         )
@@ -353,16 +365,13 @@ def published_comparison(context: int = 4096) -> list[dict[str, Any]]:
 
 
 def human(n: float, unit: str = "") -> str:
-    """46702792704 -> '46.70B'; with unit='B' (bytes) -> '46.70 GB' (decimal units)."""
-    if unit == "B":
-        for scale, suffix in ((1e12, " TB"), (1e9, " GB"), (1e6, " MB"), (1e3, " KB")):
-            if abs(n) >= scale:
-                return f"{n / scale:.2f}{suffix}"
-        return f"{n:.0f} B"
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+    """Counts as 46.70B (K, M, B, T); with a unit, SI prefixes: human(9.3e10, "B") -> '93.41 GB', 'GFLOP'."""
+    prefixes = ((1e15, " P"), (1e12, " T"), (1e9, " G"), (1e6, " M"), (1e3, " K")) if unit else (
+        (1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))  # fmt: skip
+    for scale, prefix in prefixes:
         if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
+            return f"{n / scale:.2f}{prefix}{unit}"
+    return f"{n:.0f} {unit}" if unit else f"{n:.0f}"
 
 
 def _experts_text(r: ParamReport) -> str:
@@ -385,16 +394,13 @@ def format_report(r: ParamReport) -> str:
     stored = f" · dtype {r.dtype}" if r.dtype else ""
     stored += f" (quantised: {r.quantization})" if r.quantization else ""
     lines += [f"  layers: {_layers_text(r)} · experts: {_experts_text(r)}{stored}", ""]
-    lines.append(f"  {'parameters':<18}{'total':>22}{'active per token':>22}")
-    for category, counts in r.breakdown.items():
-        if counts["total"]:
-            lines.append(f"  {category:<18}{human(counts['total']):>22}{human(counts['active']):>22}")
-    totals = f"{r.total_params:,} ({human(r.total_params)})"
-    actives = f"{r.active_params:,} ({human(r.active_params)})"
-    lines += [f"  {'total':<18}{totals:>22}  {actives}", ""]
+    row = lambda label, total, active: f"  {label:<16}{total:>18,} {human(total):>8}  {active:>18,} {human(active):>8}"
+    lines.append(f"  {'parameters':<16}{'total':>27}  {'active per token':>27}")
+    lines += [row(c, n["total"], n["active"]) for c, n in r.breakdown.items() if n["total"]]
+    lines += [row("total", r.total_params, r.active_params), ""]
     lines.append(
-        f"  active per token: {human(r.active_params)} with embedding and output head (Mixtral/Qwen/DeepSeek-V2); "
-        f"{human(r.active_params_excl_embedding)} without the input embedding (GPT-OSS); "
+        f"  active per token: {human(r.active_params)} with embedding and output head (Mixtral, Qwen convention); "
+        f"{human(r.active_params_excl_embedding)} without the input embedding (GPT-OSS, DeepSeek); "
         f"{human(r.active_params_excl_embedding_and_head)} without either (Kaplan non-embedding)"
     )
     share = r.active_params / r.total_params
@@ -402,20 +408,28 @@ def format_report(r: ParamReport) -> str:
     if r.buffers:
         lines.append(f"  buffers (not parameters, not counted): {r.buffers:,} (router e_score_correction_bias)")
     if r.mtp_params:
-        lines.append(f"  multi-token-prediction module (not counted): {human(r.mtp_params)} besides shared embedding/head")
+        lines.append(
+            f"  multi-token-prediction module (not counted): {human(r.mtp_params)} besides shared embedding/head"
+        )
     lines += [
         "",
-        f"  compute per token at context {r.context:,}: forward {human(r.forward_flops_per_token, 'FLOP')} "
-        f"(of which attention {human(r.attention_flops_per_token, 'FLOP')}); "
-        f"training {human(r.training_flops_per_token, 'FLOP')} (3x forward)",
+        (
+            f"  compute per token at context {r.context:,}: forward {human(r.forward_flops_per_token, 'FLOP')} "
+            f"(of which attention {human(r.attention_flops_per_token, 'FLOP')}); "
+            f"training {human(r.training_flops_per_token, 'FLOP')} (3x forward)"
+        ),
         f"  {r.flops_fraction_of_all_experts:.1%} of the forward FLOPs the model would need with every expert active",
         "  weights: " + " · ".join(f"{k} {human(v, 'B')}" for k, v in r.weight_bytes.items()),
-        f"  KV cache ({r.kv_cache['dtype']}): {human(r.kv_cache['bytes_per_token'], 'B')} per token; "
-        f"{human(r.kv_cache['bytes_at_context'], 'B')} at context {r.context:,} x batch {r.batch}",
-        f"  dense model with the same active parameters: {human(r.active_params)} parameters, "
-        f"{human(r.dense_equivalent['weight_bytes_bf16'], 'B')} of bf16 weights "
-        f"({r.total_params / r.active_params:.1f}x less than this model's {human(r.weight_bytes['bf16'], 'B')}), "
-        "the same FLOPs per token",
+        (
+            f"  KV cache ({r.kv_cache['dtype']}): {human(r.kv_cache['bytes_per_token'], 'B')} per token; "
+            f"{human(r.kv_cache['bytes_at_context'], 'B')} at context {r.context:,} x batch {r.batch}"
+        ),
+        (
+            f"  dense model with the same active parameters: {human(r.active_params)} parameters, "
+            f"{human(r.dense_equivalent['weight_bytes_bf16'], 'B')} of bf16 weights "
+            f"({r.total_params / r.active_params:.1f}x less than this model's {human(r.weight_bytes['bf16'], 'B')}), "
+            "the same FLOPs per token"
+        ),
     ]
     return "\n".join(lines)
 
@@ -423,7 +437,10 @@ def format_report(r: ParamReport) -> str:
 def _table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table, columns padded so it also reads as plain text."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    fmt = lambda row: "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"  # noqa: E731
+
+    def fmt(row: list[str]) -> str:
+        return "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"
+
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
 
 
@@ -462,10 +479,10 @@ def format_published_table(rows: list[dict[str, Any]]) -> str:
             row["published_active"] or "–",
             human(row["ours_active"]) if row["published_active"] else "–",
             names.get(row["convention"], row["convention"]),
-            "yes" if row["matches"] else "NO",
+            f"{row['total_agrees'] or 'NO'} / {row['active_agrees'] or 'NO'}",
             row["source"],
         ]
         for row in rows
     ]
-    header = ["model", "published total", "ours", "published active", "ours", "active convention", "match", "source"]
+    header = ["model", "published total", "ours", "published active", "ours", "active convention", "agrees", "source"]
     return _table(header, body)
