@@ -39,6 +39,69 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from moekit.train import train, training_config
+    from moekit.train.trainer import run_name
+
+    options = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
+    if "out" not in options and "preset" in options:
+        options["out"] = f"runs/{run_name(options['preset'])}"
+    config = training_config(options, resume=args.resume)
+    log = (lambda *_: None) if args.json else print
+    result = train(config, resume=args.resume, overwrite=args.overwrite, log=log)
+    summary = {k: v for k, v in vars(result).items() if k != "history"}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+        print(
+            f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
+            f"loss {result.final_loss:.4f}, val_loss {val}\n"
+            f"checkpoint {result.checkpoint}\nmetrics {result.run_dir}/metrics.jsonl, plot {result.run_dir}/loss.png"
+        )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from moekit.train import generate_text, load_model
+
+    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    model, tokenizer, _ = load_model(args.checkpoint, device)
+    print(args.prompt, end="", flush=True)
+    result = generate_text(
+        model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy,
+        args.seed, on_text=lambda text: print(text, end="", flush=True),
+    )
+    print()
+    print(
+        f"[{result.new_tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from moekit.train import CompareConfig, compare
+
+    fields = {"moe", "dense", "tokens", "out", "batch_size", "seq_len", "eval_every", "seed", "data", "tokenizer",
+              "vocab_size", "text_field", "bf16", "device"}
+    config = CompareConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    result = compare(config, log=(lambda *_: None) if args.json else print)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print()
+        print(result.markdown())
+        print(f"\nplot {result.out}/compare.png, table {result.out}/compare.md and {result.out}/compare.json")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -73,16 +136,105 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--kv-dtype", choices=("fp32", "bf16", "fp8", "int4"), default="bf16", help="KV cache dtype")
     params.add_argument("--json", action="store_true", help="machine-readable output")
     params.set_defaults(func=_params)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_compare(sub)
     return parser
+
+
+_TRAIN_FIELDS = {
+    "preset", "data", "out", "steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup", "clip", "bf16", "seed",
+    "eval_every", "save_every", "keep_checkpoints", "tokenizer", "vocab_size", "max_tokens", "text_field", "device",
+    "weight_decay",
+}
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="a text file, a folder of text files, or a .jsonl file (default: the embedded "
+                        "corpus of Python's documentation and standard-library sources)")
+    parser.add_argument("--text-field", help="JSONL field holding the text (default 'text')")
+    parser.add_argument("--tokenizer", choices=("bpe", "bytes"), help="byte-level BPE trained on the data (default) "
+                        "or raw bytes")
+    parser.add_argument("--vocab-size", type=_positive, help="BPE vocabulary size (default 4096)")
+
+
+def _add_train(sub) -> None:
+    # Defaults are None here so that --resume can tell the flags given from those left out (TrainConfig holds the
+    # real defaults; `moekit train -h` shows them).
+    train = sub.add_parser("train", help="train a language model from a preset on local text (or the embedded corpus)",
+                           description="Train a tiny LM; see moekit.train.TrainConfig for every default.")
+    train.add_argument("--preset", help="model preset (default tiny-mixtral): tiny-dense, tiny-mixtral, tiny-switch, "
+                       "tiny-deepseek")
+    train.add_argument("--out", help="run directory (default runs/<preset>)")
+    _add_data_options(train)
+    train.add_argument("--max-tokens", type=_positive, help="use only the first N tokens of the training split")
+    train.add_argument("--steps", type=_positive, help="optimizer steps (default 300)")
+    train.add_argument("--batch-size", type=_positive, help="windows per micro-batch (default 16)")
+    train.add_argument("--seq-len", type=_positive, help="tokens per window (default 128)")
+    train.add_argument("--grad-accum", type=_positive, help="micro-batches per optimizer step (default 1)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    train.add_argument("--warmup", type=int, help="linear warmup steps before the cosine decay (default 30)")
+    train.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    train.add_argument("--clip", type=float, help="gradient-norm clip, 0 = off (default 1.0)")
+    train.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    train.add_argument("--seed", type=int, help="seed of initialisation, batches and split (default 0)")
+    train.add_argument("--eval-every", type=_positive, help="steps between validations (default 50)")
+    train.add_argument("--save-every", type=int, help="steps between checkpoints, 0 = only at the end (default 100)")
+    train.add_argument("--keep-checkpoints", type=int, help="checkpoints kept, 0 = all (default 2)")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda if available")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument("--json", action="store_true", help="print only the result, as JSON")
+    train.set_defaults(func=_train)
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint, streaming the text")
+    gen.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or checkpoint dir")
+    gen.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    gen.add_argument("--max-new-tokens", type=_positive, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=_positive)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    gen.add_argument("--seed", type=int, help="seed of the sampling (reproducible output)")
+    gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    gen.set_defaults(func=_generate)
+
+
+def _add_compare(sub) -> None:
+    cmp = sub.add_parser(
+        "compare", help="train a dense and an MoE model with equal active parameters on the same data (~4 min)",
+        description="Validation loss vs training FLOPs of both, as a plot and a table. Defaults: moekit.train.CompareConfig.",
+    )
+    cmp.add_argument("--moe", help="MoE preset (default tiny-mixtral)")
+    cmp.add_argument("--dense", help="dense preset (default tiny-dense)")
+    cmp.add_argument("--tokens", type=_positive, help="training tokens per model (default 163840)")
+    cmp.add_argument("--out", help="output directory (default runs/compare)")
+    _add_data_options(cmp)
+    cmp.add_argument("--batch-size", type=_positive, help="windows per step (default 16)")
+    cmp.add_argument("--seq-len", type=_positive, help="tokens per window (default 64)")
+    cmp.add_argument("--eval-every", type=_positive, help="steps between validations (default 20)")
+    cmp.add_argument("--seed", type=int)
+    cmp.add_argument("--bf16", action="store_true", default=None)
+    cmp.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    cmp.add_argument("--json", action="store_true", help="print only the result, as JSON")
+    cmp.set_defaults(func=_compare)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # configuration errors are the user's to fix: no traceback
+    except ValueError as err:  # configuration, data and checkpoint errors are the user's to fix: no traceback
         print(f"moekit: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. an output directory that cannot be written
+        print(f"moekit: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("moekit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 `MoEConfig` describes one Mixture-of-Experts layer: every option a paper names has a field here, and the
 defaults are those of the most common modern recipe (Mixtral-style SwiGLU experts, softmax top-2, dropless).
+`ModelConfig` describes a decoder-only language model built from such layers (and dense ones).
 """
 
 from __future__ import annotations
@@ -148,4 +149,103 @@ class MoEConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown MoEConfig field(s) {unknown}: expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only language model: attention blocks whose feed-forward is an MoE layer or a dense SwiGLU FFN.
+
+    Which layers are MoE: none when `moe` is None; otherwise layer i is MoE when i >= first_k_dense and
+    (i - first_k_dense) % moe_every == 0 (see `is_moe_layer`). Fields left None are derived (`head_size`,
+    `kv_heads`) so that `dataclasses.replace` of a size keeps them consistent.
+    """
+
+    # --- sizes ---
+    vocab_size: int = 4096  # a small BPE vocabulary; the tokenizer sets the real value via dataclasses.replace
+    d_model: int = 256  # width of the residual stream
+    n_layers: int = 4
+    n_heads: int = 4  # query heads
+    n_kv_heads: int | None = None  # key/value heads (GQA, Ainslie et al. 2023); None = n_heads (multi-head)
+    head_dim: int | None = None  # None = d_model // n_heads; must be even (RoPE rotates pairs of dimensions)
+    max_seq_len: int = 256  # longest context: the RoPE table and the largest KV cache
+    rope_theta: float = 10000.0  # RoPE base (Su et al. 2021); Mixtral uses 1e6 for long contexts
+    norm_eps: float = 1e-5  # RMSNorm epsilon (Zhang & Sennrich 2019), as Llama/Mixtral
+
+    # --- feed-forward ---
+    dense_d_ff: int = 768  # hidden width of the dense SwiGLU FFN layers (the dense baseline, first_k_dense layers)
+    moe: MoEConfig | None = None  # the MoE layer config; None = every layer dense
+    first_k_dense: int = 0  # the first k layers stay dense (DeepSeekMoE/V3: early layers balance poorly)
+    moe_every: int = 1  # MoE on every n-th layer from first_k_dense (2 = every other layer, Switch/GShard)
+
+    # --- embeddings and init ---
+    tie_embeddings: bool = False  # share the token embedding with the output head (Press & Wolf 2017)
+    init_std: float = 0.02  # std of the normal init of every weight matrix (GPT-2); output projections / sqrt(2L)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_d_ff", "moe_every"):
+            _positive_int(name, getattr(self, name))
+        for name in ("n_kv_heads", "head_dim"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: set head_dim explicitly"
+            )
+        if self.head_size % 2:
+            raise ValueError(f"head_dim={self.head_size} must be even (RoPE rotates pairs of dimensions)")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads} (GQA groups)")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if isinstance(self.first_k_dense, bool) or not isinstance(self.first_k_dense, int) or not (
+            0 <= self.first_k_dense <= self.n_layers
+        ):
+            raise ValueError(f"first_k_dense must be an integer in [0, n_layers={self.n_layers}], got {self.first_k_dense!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                raise ValueError(f"moe must be a MoEConfig, a dict of its fields, or None; got {type(self.moe).__name__}")
+            if self.moe.d_model != self.d_model:
+                raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
+            if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
+                raise ValueError(
+                    f"moe is set but no layer is MoE: first_k_dense={self.first_k_dense} of n_layers={self.n_layers}"
+                )
+
+    @property
+    def head_size(self) -> int:
+        """Width of one attention head: head_dim, or d_model // n_heads when head_dim is None."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads: n_kv_heads, or n_heads when n_kv_heads is None."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i (0-based) uses the MoE feed-forward: i >= first_k_dense, every moe_every-th from there."""
+        if not 0 <= i < self.n_layers:
+            raise ValueError(f"layer index {i} out of range for n_layers={self.n_layers}")
+        return self.moe is not None and i >= self.first_k_dense and (i - self.first_k_dense) % self.moe_every == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable fields; `moe` becomes a nested dict (or None)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Inverse of `to_dict`. Raises ValueError on unknown keys (here or in the nested `moe` dict)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}: expected a subset of {sorted(known)}")
+        data = dict(data)
+        if isinstance(data.get("moe"), dict):
+            data["moe"] = MoEConfig.from_dict(data["moe"])
         return cls(**data)

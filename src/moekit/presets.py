@@ -1,6 +1,9 @@
-"""Named configurations of famous MoE models, and the figures their authors published.
+"""Named configurations: tiny models to train on a CPU, famous MoE models, and the figures their authors published.
 
-Each preset is a dict in Hugging Face `config.json` form (the structural fields of the released file, in the
+`TINY_PRESETS` are `ModelConfig`s small enough to train on two CPU cores, built so that their comparisons are fair
+(the same active parameters per token). `get_preset(name)` returns a fresh `ModelConfig` for those.
+
+Each famous preset (`PRESETS`) is a dict in Hugging Face `config.json` form (the structural fields of the released file, in the
 spelling of the release), plus a `source` note saying where the values come from. `moekit params <preset>` reads
 them with the same readers as a downloaded `config.json`. GLaM was never released: its preset uses moekit's own
 `model_type: "glam"` with the dimensions of the paper's table.
@@ -14,6 +17,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from typing import Any
+
+from moekit.config import ModelConfig, MoEConfig
 
 
 def _alternating_sliding(num_layers: int) -> list[str]:
@@ -395,8 +400,82 @@ PUBLISHED: dict[str, Published] = {
 }
 
 
-def get_preset(name: str) -> dict[str, Any]:
-    """A copy of the named preset's config dict (so callers may edit it). Raises ValueError listing the names."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: expected one of {', '.join(sorted(PRESETS))}")
-    return copy.deepcopy(PRESETS[name])
+# --- tiny presets: 4 layers of d_model 256 (4 query heads of 64, 2 key/value heads), 256 positions, a 4096-token
+# vocabulary, embedding tied to the output head. Every one has the same ACTIVE feed-forward width per token, 768
+# (3 * d_model, a SwiGLU FFN of 3 * 256 * 768 = 589,824 weights), so at equal tokens they cost the same FLOPs and
+# differ only in how many parameters they can hold. Counts at vocab 4096 (`MoELM.num_params` / `active_params`):
+#   tiny-dense      4,196,608 total, 4,196,608 active
+#   tiny-mixtral   11,282,688 total, 4,204,800 active   (8 experts of 384, top-2, every layer)
+#   tiny-switch    12,458,240 total, 4,200,704 active   (8 experts of 768, top-1, layers 1 and 3)
+#   tiny-deepseek   9,959,680 total, 4,208,896 active   (1 shared + 16 routed of 192, top-3, layers 1-3)
+# (the few thousand extra active weights of the MoE models are their routers, 256 * E per MoE layer).
+
+_TINY = dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256, tie_embeddings=True)
+
+TINY_PRESETS: dict[str, ModelConfig] = {
+    # The baseline: a dense Llama-style model; its SwiGLU width equals the MoE models' active width.
+    "tiny-dense": ModelConfig(**_TINY, dense_d_ff=768),
+    # Mixtral (Jiang et al. 2024): 8 SwiGLU experts in every layer, top-2, softmax over the two chosen logits,
+    # dropless; a light Switch balance loss and the ST-MoE router z-loss (Zoph et al. 2022) for stable logits.
+    "tiny-mixtral": ModelConfig(
+        **_TINY,
+        dense_d_ff=768,
+        moe=MoEConfig(
+            d_model=256, d_ff=384, num_experts=8, top_k=2, router="topk", softmax_order="topk_softmax",
+            aux_loss_coef=1e-2, z_loss_coef=1e-3,
+        ),
+    ),
+    # Switch Transformer (Fedus et al. 2021): top-1 routing to experts as wide as the dense FFN, capacity factor
+    # 1.25 with overflowing tokens dropped (the residual carries them), every other layer MoE (layers 1, 3 as in
+    # the released Switch-T5); the combine weight is the un-renormalised router probability so the router learns
+    # from the task loss, plus the Switch balance loss at the paper's 1e-2.
+    "tiny-switch": ModelConfig(
+        **_TINY,
+        dense_d_ff=768,
+        first_k_dense=1,
+        moe_every=2,
+        moe=MoEConfig(
+            d_model=256, d_ff=768, num_experts=8, top_k=1, router="topk", softmax_order="softmax_topk",
+            norm_topk_prob=False, capacity_factor=1.25, overflow="drop", aux_loss_coef=1e-2,
+        ),
+    ),
+    # DeepSeekMoE / DeepSeek-V3: fine-grained experts (each Mixtral expert split in two: 16 of width 192) plus one
+    # always-on shared expert; keeping compute constant, the shared expert replaces one routed slot (DeepSeekMoE
+    # §3.2: top-(2*2 - 1) = top-3). Sigmoid affinities, auxiliary-loss-free balancing by a selection bias moved
+    # 1e-3 per step, the tiny sequence-wise balance loss (alpha 1e-4), and the first layer dense (V3 §4.2).
+    "tiny-deepseek": ModelConfig(
+        **_TINY,
+        dense_d_ff=768,
+        first_k_dense=1,
+        moe=MoEConfig(
+            d_model=256, d_ff=192, num_experts=16, top_k=3, router="deepseek", score_func="sigmoid",
+            norm_topk_prob=True, selection_bias=True, bias_update_rate=1e-3, seq_aux_loss_coef=1e-4,
+            num_shared_experts=1,
+        ),
+    ),
+}
+
+
+def list_presets() -> list[str]:
+    """Names of the tiny `ModelConfig` presets (those `get_preset` returns as a ModelConfig), sorted."""
+    return sorted(TINY_PRESETS)
+
+
+def get_preset(name: str) -> ModelConfig | dict[str, Any]:
+    """A fresh copy of a named preset, so callers may edit it.
+
+    Args:
+        name: a tiny preset (`list_presets()`) or a famous model (`PRESETS`).
+    Returns:
+        A `ModelConfig` for a tiny preset; the Hugging Face config dict for a famous one.
+    Raises:
+        ValueError: unknown name; the message lists every preset.
+    """
+    if name in TINY_PRESETS:
+        return copy.deepcopy(TINY_PRESETS[name])
+    if name in PRESETS:
+        return copy.deepcopy(PRESETS[name])
+    raise ValueError(
+        f"unknown preset {name!r}: expected one of {', '.join(list_presets())} (tiny models) or "
+        f"{', '.join(sorted(PRESETS))} (famous models, as config dicts)"
+    )

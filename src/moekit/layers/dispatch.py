@@ -200,12 +200,15 @@ def _plan_expert_choice(router_output: RouterOutput, num_experts: int) -> Dispat
 def _scatter_sum(y_MD: Tensor, p: DispatchPlan) -> Tensor:
     """Sum rows into their tokens: [M, D] -> [T, D], in a fixed order (no floating-point atomics)."""
     T, D = p.num_tokens, y_MD.shape[-1]
-    if y_MD.device.type == "cpu" or p.slots_per_token == 0:
-        # The CPU index_add adds each token's rows in plan order on one thread per column: deterministic.
+    if p.slots_per_token == 0:
+        # Expert choice: a token holds any number of rows. CPU index_add is sequential, hence deterministic;
+        # on accelerators use torch.use_deterministic_algorithms for bitwise reproducibility.
         return y_MD.new_zeros(T, D).index_add_(0, p.token_index, y_MD)
-    # Accelerators add with atomics; put each row in its [T, K] slot and reduce over K instead.
+    # Token choice: each row goes to its own [T, K] slot (a permutation, no collisions), then a reduction over K.
+    # On CPU this is also faster than index_add, which is a scatter_add with a [M, D] index.
     K = p.slots_per_token
-    slots_ND = y_MD.new_zeros(T * K, D).index_copy_(0, p.slot_index, y_MD)
+    full = y_MD.shape[0] == T * K
+    slots_ND = (y_MD.new_empty if full else y_MD.new_zeros)(T * K, D).index_copy_(0, p.slot_index, y_MD)
     return slots_ND.view(T, K, D).sum(dim=1)
 
 
@@ -242,8 +245,8 @@ def combine(y_MD: Tensor, dispatch_plan: DispatchPlan) -> Tensor:
     """Sum each token's (already weighted) expert outputs back in token order: [M, D] -> [T, D].
 
     Rows of dropped and empty slots simply do not exist, so they contribute nothing. The sum order is fixed by the
-    plan, so the output is bit-identical run after run (CPU: a sequential index_add; accelerators: each row placed
-    in its [T, K] slot, then a reduction over K; expert choice on accelerators is reproducible under
+    plan, so the output is bit-identical run after run: each row is placed in its [T, K] slot, then summed over K
+    (expert choice: a sequential index_add on CPU; on accelerators it is reproducible under
     torch.use_deterministic_algorithms).
 
     Args:
