@@ -107,6 +107,13 @@ def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
     return False
 
 
+def _cpu_with_idle_experts(x_MD: Tensor, counts_E: Tensor) -> bool:
+    # torch's CPU _grouped_mm runs a matmul for every group, empty ones included, and so reads every expert's
+    # weights: at decode (T*K << E) that is the cost of the total parameters, not the active ones. The loop below
+    # skips idle experts. (CUDA kernels skip empty groups; there grouped_mm is always right.)
+    return x_MD.device.type == "cpu" and bool((counts_E == 0).any())
+
+
 def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor, impl: str = "auto") -> Tensor:
     """Segment-wise matrix multiply: rows offsets[e-1]:offsets[e] of x times w[e].
 
@@ -115,7 +122,8 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor,
         w_EDF: [E, D, F] stacked weights.
         counts_E: [E] int64 rows per expert.
         offsets_E: [E] int32 cumulative row counts (end offset of each expert's segment), on x's device.
-        impl: "grouped_mm", "loop" or "auto" (grouped_mm when the installed torch supports it here).
+        impl: "grouped_mm", "loop" or "auto" (grouped_mm when the installed torch supports it here, except on CPU
+            when some expert has no rows).
     Returns:
         [M, F].
     """
@@ -123,7 +131,8 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor,
         raise ValueError(f"unknown expert_impl {impl!r}: expected one of {', '.join(map(repr, EXPERT_IMPLS))}")
     if x_MD.shape[0] == 0:  # no rows: keep the (empty) result connected to the graph
         return x_MD @ w_EDF[0]
-    if impl != "loop" and grouped_mm_available(x_MD, w_EDF):
+    use_grouped = impl == "grouped_mm" or (impl == "auto" and not _cpu_with_idle_experts(x_MD, counts_E))
+    if use_grouped and grouped_mm_available(x_MD, w_EDF):
         return _ContiguousGrad.apply(torch._grouped_mm(x_MD, w_EDF, offs=offsets_E))
     if impl == "grouped_mm":
         raise RuntimeError(
