@@ -28,8 +28,9 @@ Methodology:
     training shapes (indexing `gate_up_proj[e]` makes its backward materialise a full [E, 2F, D] gradient per
     expert hit): both take seconds per fwd+bwd at large E. The load average at start and end is printed: on a
     shared 2-core machine, oversubscribed OpenMP threads stall the candidates made of many small ops (naive, HF
-    eager, grouped_mm's per-expert GEMMs on CPU) far more than the dense FFN's few large GEMMs, so trust a table
-    only from a quiet machine.
+    eager, grouped_mm's per-expert GEMMs on CPU) far more than the dense FFN's few large GEMMs: each small
+    parallel region can wait a whole scheduler time slice for a descheduled thread. Trust a table only from a
+    quiet machine, or compare with `--threads 1`, which does not suffer from this.
   - Decode. Before every timed decode call (untimed) a 512 MiB buffer is read, about twice the last-level cache,
     to evict the layer's weights as the other layers of a real model would. The weight-read bound is the time
     to stream the bytes the layer must read at the measured read bandwidth (median time of `buf.sum()` over a
@@ -42,7 +43,8 @@ profiler: the grouped_mm block must call aten::_grouped_mm (not transformers' gr
 eager block must not.
 
 Usage: python benchmarks/bench_layer.py [--quick] [--repeats N] [--dtypes float32,bfloat16] [--json out.json]
-       [--only moekit,naive,hf_grouped,hf_eager] [--skip-naive] [--stat median|min] [--decode-backward]
+       [--only moekit,naive,hf_grouped,hf_eager] [--skip-naive] [--stat median|min] [--threads N]
+       [--decode-backward]
 """
 
 from __future__ import annotations
@@ -332,12 +334,15 @@ def main() -> None:
     p.add_argument("--only", default=",".join(CANDIDATES), help="MoE candidates to run (dense always runs)")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--decode-backward", action="store_true", help="also time fwd+bwd at the decode shapes")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 resists a busy shared machine")
     p.add_argument("--json", help="write every median and sample to this file")
     args = p.parse_args()
     args.only = [n for n in args.only.split(",") if n and not (args.skip_naive and n == "naive")]
     unknown = set(args.only) - set(CANDIDATES)
     if unknown:
         p.error(f"unknown candidate(s) {sorted(unknown)}: expected a subset of {CANDIDATES}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     T_train = 512 if args.quick else 4096
     args.warmup = 2
     args.decode_repeats = 4 * args.repeats

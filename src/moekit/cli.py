@@ -65,8 +65,7 @@ def _train(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from moekit.train import generate_text, load_model
 
-    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
-    model, tokenizer, _ = load_model(args.checkpoint, device)
+    model, tokenizer, _ = load_model(args.checkpoint, args.device)
     print(args.prompt, end="", flush=True)
     result = generate_text(
         model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy,
@@ -94,12 +93,6 @@ def _compare(args: argparse.Namespace) -> int:
         print(result.markdown())
         print(f"\nplot {result.out}/compare.png, table {result.out}/compare.md and {result.out}/compare.json")
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _positive(text: str) -> int:
@@ -168,7 +161,7 @@ def _add_train(sub) -> None:
     train.add_argument("--out", help="run directory (default runs/<preset>)")
     _add_data_options(train)
     train.add_argument("--max-tokens", type=_positive, help="use only the first N tokens of the training split")
-    train.add_argument("--steps", type=_positive, help="optimizer steps (default 300)")
+    train.add_argument("--steps", type=_positive, help="optimizer steps (default 200)")
     train.add_argument("--batch-size", type=_positive, help="windows per micro-batch (default 16)")
     train.add_argument("--seq-len", type=_positive, help="tokens per window (default 128)")
     train.add_argument("--grad-accum", type=_positive, help="micro-batches per optimizer step (default 1)")
@@ -205,11 +198,12 @@ def _add_generate(sub) -> None:
 def _add_compare(sub) -> None:
     cmp = sub.add_parser(
         "compare", help="train a dense and an MoE model with equal active parameters on the same data (~4 min)",
-        description="Validation loss vs training FLOPs of both, as a plot and a table. Defaults: moekit.train.CompareConfig.",
+        description="Validation loss vs training FLOPs of both, as a plot and a table. "
+        "Defaults: moekit.train.CompareConfig.",
     )
     cmp.add_argument("--moe", help="MoE preset (default tiny-mixtral)")
     cmp.add_argument("--dense", help="dense preset (default tiny-dense)")
-    cmp.add_argument("--tokens", type=_positive, help="training tokens per model (default 163840)")
+    cmp.add_argument("--tokens", type=_positive, help="training tokens per model (default 327680)")
     cmp.add_argument("--out", help="output directory (default runs/compare)")
     _add_data_options(cmp)
     cmp.add_argument("--batch-size", type=_positive, help="windows per step (default 16)")

@@ -200,17 +200,17 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads} (GQA groups)")
         for name in ("rope_theta", "norm_eps", "init_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if isinstance(self.first_k_dense, bool) or not isinstance(self.first_k_dense, int) or not (
-            0 <= self.first_k_dense <= self.n_layers
-        ):
-            raise ValueError(f"first_k_dense must be an integer in [0, n_layers={self.n_layers}], got {self.first_k_dense!r}")
+        k = self.first_k_dense
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.n_layers:
+            raise ValueError(f"first_k_dense must be an integer in [0, n_layers={self.n_layers}], got {k!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         if self.moe is not None:
             if not isinstance(self.moe, MoEConfig):
-                raise ValueError(f"moe must be a MoEConfig, a dict of its fields, or None; got {type(self.moe).__name__}")
+                got = type(self.moe).__name__
+                raise ValueError(f"moe must be a MoEConfig, a dict of its fields, or None; got {got}")
             if self.moe.d_model != self.d_model:
                 raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
             if not any(self.is_moe_layer(i) for i in range(self.n_layers)):

@@ -3,10 +3,10 @@
 `TINY_PRESETS` are `ModelConfig`s small enough to train on two CPU cores, built so that their comparisons are fair
 (the same active parameters per token). `get_preset(name)` returns a fresh `ModelConfig` for those.
 
-Each famous preset (`PRESETS`) is a dict in Hugging Face `config.json` form (the structural fields of the released file, in the
-spelling of the release), plus a `source` note saying where the values come from. `moekit params <preset>` reads
-them with the same readers as a downloaded `config.json`. GLaM was never released: its preset uses moekit's own
-`model_type: "glam"` with the dimensions of the paper's table.
+Each famous preset (`PRESETS`) is a dict in Hugging Face `config.json` form (the structural fields of the released
+file, in the spelling of the release), plus a `source` note saying where the values come from. `moekit params
+<preset>` reads them with the same readers as a downloaded `config.json`. GLaM was never released: its preset uses
+moekit's own `model_type: "glam"` with the dimensions of the paper's table.
 
 `PUBLISHED` holds the totals and active counts stated by the authors, with the convention each one uses, so that
 `moekit params --published` can set our counts beside them.

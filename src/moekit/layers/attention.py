@@ -1,0 +1,181 @@
+"""Attention for the language models: RMSNorm, rotary position embeddings, causal GQA attention, the KV cache.
+
+Legend: B batch, S new tokens (the chunk being run), L keys attended (cached + new), D model dim, H query heads,
+G key/value heads (H is a multiple of G), X head dim.
+
+Conventions follow Llama/Mixtral as implemented in Hugging Face transformers, so that converted checkpoints give
+the same numbers: RMSNorm in float32, RoPE in the "rotate half" (non-interleaved) layout, no biases.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019): x / rms(x) * weight, no mean subtraction, no bias.
+
+    Args:
+        dim: D.
+        eps: added to the mean square before the square root.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., D] -> [..., D] (statistics in float32 for low-precision inputs)."""
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of every position's rotation angles (RoPE, Su et al. 2021, eq. 34), float32, [max_len, X].
+
+    Frequency i (of X/2) is theta^(-2i/X); each appears twice, once per half of the head ("rotate half" layout,
+    as GPT-NeoX, Llama and transformers lay it out, rather than interleaved pairs).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [X/2]
+    angles = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [max_len, X/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [max_len, X]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BSNX: Tensor, cos_SX: Tensor, sin_SX: Tensor) -> Tensor:
+    """Rotate each head's (first-half, second-half) dimension pairs by the position's angles.
+
+    Args:
+        x_BSNX: [B, S, N, X] queries or keys (any number N of heads).
+        cos_SX, sin_SX: [S, X] from `rope_tables`, rows of the chunk's positions.
+    Returns:
+        [B, S, N, X]: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1).
+    """
+    half = x_BSNX.shape[-1] // 2
+    x1, x2 = x_BSNX[..., :half], x_BSNX[..., half:]  # [B, S, N, X/2] each
+    cos_S1Y = cos_SX[:, None, :half].to(x_BSNX.dtype)  # both halves of the tables are equal: Y = X/2
+    sin_S1Y = sin_SX[:, None, :half].to(x_BSNX.dtype)
+    return torch.cat((x1 * cos_S1Y - x2 * sin_S1Y, x2 * cos_S1Y + x1 * sin_S1Y), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    A forward with `cache` and `start_pos` writes the chunk's keys/values at positions start_pos:start_pos+S and
+    attends over positions 0:start_pos+S. Positions are the caller's: re-running from an earlier start_pos simply
+    overwrites (e.g. to rewind).
+
+    Attributes:
+        k, v: per layer, [B, G, max_len, X].
+        key_mask: [B, max_len] bool, True for real tokens; None until a forward passes a padding mask.
+        length: the end position of the last write (informational).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.key_mask: Tensor | None = None
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def write_mask(self, start_pos: int, mask_BS: Tensor | None, num_new: int) -> Tensor | None:
+        """Record the chunk's padding mask; return the key mask [B, start_pos+S] to attend with (None = all real)."""
+        if mask_BS is not None and self.key_mask is None:
+            self.key_mask = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=self.k[0].device)
+        if self.key_mask is None:
+            return None
+        self.key_mask[:, start_pos : start_pos + num_new] = True if mask_BS is None else mask_BS
+        return self.key_mask[:, : start_pos + num_new]
+
+
+def attention_mask(num_new: int, num_keys: int, key_mask_BL: Tensor | None, device) -> Tensor | None:
+    """The boolean attention mask (True = attend) of a chunk whose S queries are the last S of its L keys.
+
+    Query i (key position L - S + i) sees key j when j <= L - S + i and key j is not padding; a query always sees
+    itself, so padding rows stay finite. Returns None when `scaled_dot_product_attention` needs no mask: no
+    padding and either the keys are the chunk itself (is_causal=True) or a single new token (sees every key).
+
+    Args:
+        num_new: S.
+        num_keys: L (S, or start_pos + S when reading a cache).
+        key_mask_BL: [B, L] bool, True for real tokens; None = no padding.
+    Returns:
+        [S, L] or [B, 1, S, L] bool, or None.
+    """
+    if key_mask_BL is None and (num_keys == num_new or num_new == 1):
+        return None
+    query_pos_S1 = torch.arange(num_keys - num_new, num_keys, device=device)[:, None]
+    key_pos_1L = torch.arange(num_keys, device=device)[None, :]
+    causal_SL = key_pos_1L <= query_pos_S1
+    if key_mask_BL is None:
+        return causal_SL
+    return (causal_SL & (key_mask_BL[:, None, :] | (key_pos_1L == query_pos_S1)))[:, None]
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped key/value heads (GQA, Ainslie et al. 2023) and RoPE.
+
+    Queries, keys and values come from one fused projection (one matmul instead of three); attention is
+    `torch.nn.functional.scaled_dot_product_attention` with scale 1/sqrt(X).
+
+    Args:
+        d_model: D.
+        n_heads: H.
+        n_kv_heads: G.
+        head_dim: X.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=False)  # rows: q, k, v
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos_SX: Tensor,
+        sin_SX: Tensor,
+        kv_cache: tuple[Tensor, Tensor] | None = None,
+        start_pos: int = 0,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend from the chunk's tokens to themselves and, with a cache, to every earlier cached position.
+
+        Args:
+            x_BSD: [B, S, D] normalised hidden states of the chunk.
+            cos_SX, sin_SX: [S, X] RoPE tables at the chunk's positions.
+            kv_cache: this layer's (k, v) cache tensors [B, G, max_len, X], written in place; None = no cache.
+            start_pos: position of the chunk's first token.
+            mask: from `attention_mask` (None = causal over the chunk, or all keys for a single cached token).
+        Returns:
+            [B, S, D].
+        """
+        B, S, _ = x_BSD.shape
+        H, G, X = self.n_heads, self.n_kv_heads, self.head_dim
+        # split (not slicing): its backward is one concatenation of the gradients, not a zero-filled copy per slice
+        qk_BSNX, v_BSGX = self.qkv_proj(x_BSD).view(B, S, H + 2 * G, X).split([H + G, G], dim=2)
+        q_BSHX, k_BSGX = apply_rope(qk_BSNX, cos_SX, sin_SX).split([H, G], dim=2)  # q and k rotated in one pass
+        q_BHSX, k_BGSX, v_BGSX = q_BSHX.transpose(1, 2), k_BSGX.transpose(1, 2), v_BSGX.transpose(1, 2)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            k_cache[:, :, start_pos : start_pos + S] = k_BGSX
+            v_cache[:, :, start_pos : start_pos + S] = v_BGSX
+            if start_pos > 0:  # attend over the cached prefix too
+                k_BGSX, v_BGSX = k_cache[:, :, : start_pos + S], v_cache[:, :, : start_pos + S]
+        is_causal = mask is None and k_BGSX.shape[2] == S and S > 1
+        out_BHSX = F.scaled_dot_product_attention(
+            q_BHSX, k_BGSX, v_BGSX, attn_mask=mask, is_causal=is_causal, enable_gqa=G != H
+        )
+        return self.o_proj(out_BHSX.transpose(1, 2).reshape(B, S, H * X))

@@ -1,0 +1,283 @@
+"""A decoder-only Mixture-of-Experts language model (Mixtral / DeepSeekMoE / Switch shaped), with a KV cache.
+
+Legend: B batch, S sequence (the chunk being run), D model dim, V vocabulary, L layers.
+
+Reading order is data order: `Block` (RMSNorm -> causal GQA attention with RoPE -> residual -> RMSNorm -> MoE or
+dense SwiGLU FFN -> residual), then `MoELM` (embedding -> blocks -> RMSNorm -> output head, losses). The layout
+matches Llama/Mixtral (pre-norm, no biases, RoPE "rotate half"), so a Mixtral checkpoint maps onto it by renaming
+and restacking weights; `tests/models/test_lm.py` holds the logits to `transformers.MixtralForCausalLM`.
+
+Parameter names (for checkpoint conversion): `embed.weight`; `blocks.{i}.attn_norm.weight`,
+`blocks.{i}.attn.qkv_proj.weight` (rows: q heads, k heads, v heads), `blocks.{i}.attn.o_proj.weight`,
+`blocks.{i}.ffn_norm.weight`, then either the MoE layer's `blocks.{i}.ffn.router.weight`,
+`blocks.{i}.ffn.experts.w_in` [E, D, 2F] (gate | up), `blocks.{i}.ffn.experts.w_out` [E, F, D] (+ shared experts)
+or the dense `blocks.{i}.ffn.w_in.weight` [2F, D] (gate rows, then up), `blocks.{i}.ffn.w_out.weight`; `norm.weight`,
+`lm_head.weight` (the same tensor as `embed.weight` when tied).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import ModelConfig
+from moekit.layers.attention import Attention, KVCache, RMSNorm, attention_mask, rope_tables
+from moekit.layers.experts import FFN, Experts
+from moekit.layers.moe import MoE, MoEStats, collect_stats
+from moekit.layers.routing import Router
+
+
+@dataclass
+class LMOutput:
+    """What one forward of the language model returns.
+
+    Attributes:
+        logits: [B, S, V].
+        loss: ce_loss + aux_loss, or None without targets.
+        ce_loss: mean next-token cross-entropy over targets != -100 (float32), or None without targets.
+        aux_loss: 0-d float32 tensor, the sum of every MoE layer's weighted balance losses of this forward.
+    """
+
+    logits: Tensor
+    loss: Tensor | None
+    ce_loss: Tensor | None
+    aux_loss: Tensor
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h)), the FFN an MoE layer or dense.
+
+    Args:
+        config: the model config.
+        layer_idx: this block's index; `config.is_moe_layer(layer_idx)` picks the feed-forward.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config.d_model, config.n_heads, config.kv_heads, config.head_size)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.ffn = MoE(config.moe) if self.is_moe else FFN(config.d_model, config.dense_d_ff, "swiglu")
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos_SX: Tensor,
+        sin_SX: Tensor,
+        token_ids_BS: Tensor,
+        pad_mask_BS: Tensor | None,
+        kv_cache: tuple[Tensor, Tensor] | None,
+        start_pos: int,
+        attn_mask: Tensor | None,
+    ) -> Tensor:
+        """[B, S, D] -> [B, S, D]; see `Attention.forward` and `MoE.forward` for the arguments."""
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SX, sin_SX, kv_cache, start_pos, attn_mask)
+        if self.is_moe:  # token ids feed the hash router; the padding mask keeps padding out of routing and losses
+            return h_BSD + self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, mask=pad_mask_BS)
+        return h_BSD + self.ffn(self.ffn_norm(h_BSD))
+
+
+class MoELM(nn.Module):
+    """Decoder-only language model: embedding -> n_layers Blocks -> RMSNorm -> output head.
+
+    Args:
+        config: the ModelConfig (which layers are MoE, sizes, init).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.max_seq_len, config.head_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, X]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init (Radford et al. 2019): every matrix ~ N(0, init_std), the projections that write into the
+        residual stream (attention output, FFN and expert down projections) scaled by 1/sqrt(2 * n_layers) so the
+        residual's variance does not grow with depth; biases 0, norms 1. Routers get N(0, init_std) too.
+        """
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.w_in, 0.0, std)
+                nn.init.normal_(module.w_out, 0.0, out_std)
+                for bias in (module.b_in, module.b_out):
+                    if bias is not None:
+                        nn.init.zeros_(bias)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                if getattr(module, "group_weight", None) is not None:  # hierarchical router's group level
+                    nn.init.normal_(module.group_weight, 0.0, std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.o_proj.weight, 0.0, out_std)
+            dense = block.ffn if isinstance(block.ffn, FFN) else block.ffn.shared_experts
+            if dense is not None:
+                nn.init.normal_(dense.w_out.weight, 0.0, out_std)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        mask: Tensor | None = None,
+    ) -> LMOutput:
+        """Run a chunk of tokens; with targets, also the losses.
+
+        Args:
+            input_ids: [B, S] int64 token ids, at positions start_pos .. start_pos+S-1.
+            targets: [B, S] int64 next-token ids, -100 where no loss is wanted (e.g. padding); None = no loss.
+            cache: a KVCache from `new_cache`: the chunk's keys/values are written at start_pos.. and the chunk
+                attends to every cached position before it. None = attend within the chunk only.
+            start_pos: position of the first token (RoPE; where the cache is written and read up to).
+            mask: [B, S] bool, True for real tokens. Padding is not attended to (as a key), not routed, and not
+                counted in MoE losses/statistics. Targets at padding are NOT masked for you: set them to -100.
+        Returns:
+            LMOutput(logits [B, S, V], loss, ce_loss, aux_loss). ce_loss is NaN if every target is -100.
+        """
+        logits_BSV = self.lm_head(self.hidden_states(input_ids, cache, start_pos, mask))
+        aux_loss = self._aux_loss(logits_BSV.device)
+        if targets is None:
+            return LMOutput(logits_BSV, None, None, aux_loss)
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(input_ids.shape)} (input_ids)")
+        ce_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return LMOutput(logits_BSV, ce_loss + aux_loss, ce_loss, aux_loss)
+
+    def hidden_states(
+        self, input_ids: Tensor, cache: KVCache | None = None, start_pos: int = 0, mask: Tensor | None = None
+    ) -> Tensor:
+        """The final normalised hidden states [B, S, D] (the forward without the output head and losses)."""
+        B, S = self._check_input(input_ids, cache, start_pos, mask)
+        x_BSD = self.embed(input_ids)
+        cos_SX = self.rope_cos[start_pos : start_pos + S]
+        sin_SX = self.rope_sin[start_pos : start_pos + S]
+        # With a cache and start_pos > 0 the chunk also attends to the cached positions 0..start_pos-1.
+        num_keys = start_pos + S if cache is not None and start_pos > 0 else S
+        key_mask_BL = mask if cache is None else cache.write_mask(start_pos, mask, S)  # [B, num_keys] or None
+        attn_mask = attention_mask(S, num_keys, key_mask_BL, input_ids.device)
+        for i, block in enumerate(self.blocks):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x_BSD = block(x_BSD, cos_SX, sin_SX, input_ids, mask, kv, start_pos, attn_mask)
+        if cache is not None:
+            cache.length = start_pos + S
+        return self.norm(x_BSD)
+
+    def _check_input(self, input_ids: Tensor, cache: KVCache | None, start_pos: int, mask: Tensor | None):
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            got = f"{tuple(input_ids.shape)} {input_ids.dtype}"
+            raise ValueError(f"input_ids must be a [B, S] integer tensor, got {got}")
+        B, S = input_ids.shape
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise ValueError(f"start_pos must be an integer >= 0, got {start_pos!r}")
+        if start_pos + S > self.config.max_seq_len:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + S - 1} exceed max_seq_len={self.config.max_seq_len}"
+            )
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache holds batch size {cache.batch_size}, input_ids has {B}")
+            if start_pos + S > cache.max_len:
+                raise ValueError(f"positions up to {start_pos + S} do not fit the cache's max_len={cache.max_len}")
+        if mask is not None and (mask.shape != input_ids.shape or mask.dtype != torch.bool):
+            raise ValueError(f"mask must be a [B, S] bool tensor like input_ids, got {tuple(mask.shape)} {mask.dtype}")
+        return B, S
+
+    def _aux_loss(self, device: torch.device) -> Tensor:
+        """Sum of the weighted balance losses that this forward's MoE layers attached to `.last`."""
+        losses = [block.ffn.last.aux_loss for block in self.blocks if block.is_moe]
+        if not losses:
+            return torch.zeros((), device=device)
+        return torch.stack(losses).sum().float()
+
+    # --- analysis ---
+
+    def num_params(self) -> int:
+        """Total parameters (a tied embedding/head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _routed_params(self) -> list[tuple[int, float]]:
+        """Per MoE layer: (routed expert parameters, fraction active per token = top_k / num_experts)."""
+        out = []
+        for block in self.blocks:
+            if block.is_moe:
+                moe_cfg = block.ffn.config
+                routed = sum(p.numel() for p in block.ffn.experts.parameters())
+                out.append((routed, moe_cfg.top_k / moe_cfg.num_experts))
+        return out
+
+    def active_params(self) -> int:
+        """Parameters a token uses: everything except the routed experts, which count top_k / num_experts of
+        theirs (the Mixtral "active parameters" convention: embedding and output head included). For top-p
+        routing top_k is the maximum, for expert choice the average.
+        """
+        routed = self._routed_params()
+        return round(self.num_params() - sum(n for n, _ in routed) + sum(n * frac for n, frac in routed))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token at context length seq_len.
+
+        2 * (active matrix parameters) + 2 * n_layers * seq_len * n_heads * head_dim * 2: a multiply-add per
+        weight (the embedding lookup is free, the output head is not; norms and biases are ignored), plus QK^T and
+        AV over seq_len keys, without halving for the causal mask (Kaplan et al. 2020, Table 1; PaLM, Chowdhery et
+        al. 2022, Appendix B; training is about 3x this).
+        """
+        cfg = self.config
+        matrices = sum(p.numel() for p in self.parameters() if p.dim() >= 2)
+        if not cfg.tie_embeddings:
+            matrices -= self.embed.weight.numel()
+        matrices -= sum(n * (1 - frac) for n, frac in self._routed_params())
+        attention = 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_size * 2
+        return 2 * matrices + attention
+
+    def moe_stats(self) -> list[MoEStats]:
+        """The last forward's statistics of every MoE layer, in layer order (`collect_stats(self)`)."""
+        return collect_stats(self)
+
+    # --- inference ---
+
+    def new_cache(
+        self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty KV cache for batch_size sequences of up to max_len positions (<= max_seq_len).
+
+        device and dtype default to the model's.
+        """
+        cfg = self.config
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
+        weight = self.embed.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.head_size, device=device, dtype=dtype)
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+        """Sample a continuation with the KV cache: `moekit.generate.generate(self, ...)` (see there)."""
+        from moekit.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
