@@ -28,8 +28,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [..., D] -> [..., D] (statistics in float32 for low-precision inputs)."""
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        """x [..., D] -> [..., D]; low-precision inputs are normalised in float32, then scaled (as Llama/Mixtral)."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype) * self.weight
 
 
 def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:

@@ -213,14 +213,25 @@ class Experts(nn.Module):
     def _segment_bias(self, b_EX: Tensor, counts_E: Tensor, like: Tensor) -> Tensor:
         return b_EX.to(like.dtype).repeat_interleave(counts_E, dim=0, output_size=like.shape[0])
 
-    def expert_forward(self, e: int, x_ND: Tensor) -> Tensor:
-        """The plain forward of expert `e` alone (used by the reference implementation and by tests)."""
-        h = x_ND @ self.w_in[e]
+    def expert_forward(self, e: int, x_ND: Tensor, scale_N: Tensor | None = None) -> Tensor:
+        """Expert `e` alone on rows x [N, D] (times scale_N, folded in as in `forward`): the reference
+        implementation and the decode path use it."""
+        w_in, w_out = self.w_in[e].to(x_ND.dtype), self.w_out[e].to(x_ND.dtype)
+        h = x_ND @ w_in
         if self.b_in is not None:
-            h = h + self.b_in[e]
-        y = activate(h, self.activation) @ self.w_out[e]
+            h = h + self.b_in[e].to(x_ND.dtype)
+        if scale_N is not None:
+            scale_N = scale_N.to(x_ND.dtype)
+        if self.activation == "swiglu":
+            a = _ScaledSwiGLU.apply(h, scale_N)
+        else:
+            a = activate(h, self.activation)
+            if scale_N is not None:
+                a = a * scale_N.unsqueeze(1)
+        y = a @ w_out
         if self.b_out is not None:
-            y = y + self.b_out[e]
+            b_out = self.b_out[e].to(x_ND.dtype)
+            y = y + (b_out if scale_N is None else b_out * scale_N.unsqueeze(1))
         return y
 
     def extra_repr(self) -> str:

@@ -22,6 +22,9 @@ from moekit.layers.experts import FFN, Experts
 from moekit.layers.routing import RouterOutput, build_router
 
 
+_FEW_SLOTS = 64  # token-slots at or below which an inference call takes the decode path
+
+
 @dataclass
 class MoEStats:
     """What one MoE forward produced besides its output.
@@ -95,14 +98,16 @@ class MoE(nn.Module):
         if cfg.capacity_factor is not None and not route.expert_choice:
             num_real = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
             capacity = dispatch.expert_capacity(num_real, cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.min_capacity)
-        plan = dispatch.plan(route, cfg.num_experts, capacity, cfg.overflow)
-
-        x_MD = dispatch.gather(x_TD, plan)
-        if cfg.checkpoint_experts and torch.is_grad_enabled():
-            y_MD = checkpoint(self.experts, x_MD, plan.counts, plan.weights, use_reentrant=False)
+        if self._few_slots(route, capacity, x_TD):
+            y_TD, plan = self._forward_few_slots(x_TD, route)
         else:
-            y_MD = self.experts(x_MD, plan.counts, plan.weights)  # combine weights applied inside: y = w * E(x)
-        y_TD = dispatch.combine(y_MD, plan)
+            plan = dispatch.plan(route, cfg.num_experts, capacity, cfg.overflow)
+            x_MD = dispatch.gather(x_TD, plan)
+            if cfg.checkpoint_experts and torch.is_grad_enabled():
+                y_MD = checkpoint(self.experts, x_MD, plan.counts, plan.weights, use_reentrant=False)
+            else:
+                y_MD = self.experts(x_MD, plan.counts, plan.weights)  # combine weights applied inside: y = w * E(x)
+            y_TD = dispatch.combine(y_MD, plan)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
@@ -114,6 +119,39 @@ class MoE(nn.Module):
         if self.training and cfg.bias_update_rate > 0:
             self.step_load += plan.routed_counts.to(self.step_load.dtype)
         return y_TD.view(*lead_shape, cfg.d_model)
+
+    def _few_slots(self, route: RouterOutput, capacity: int | None, x_TD: Tensor) -> bool:
+        # Decode (a handful of tokens, no autograd, CPU): sorting, planning and grouped kernels cost more than the
+        # few expert multiplies themselves, so those run directly (gpt-fast keeps its decode path apart likewise).
+        return (
+            capacity is None
+            and not route.expert_choice
+            and not torch.is_grad_enabled()
+            and x_TD.device.type == "cpu"
+            and route.indices.numel() <= _FEW_SLOTS
+        )
+
+    def _forward_few_slots(self, x_TD: Tensor, route: RouterOutput) -> tuple[Tensor, dispatch.DispatchPlan]:
+        T, K = route.indices.shape
+        E = self.config.num_experts
+        slots_by_expert: dict[int, list[int]] = {}
+        for slot, e in enumerate(route.indices.reshape(-1).tolist()):
+            if e >= 0:
+                slots_by_expert.setdefault(e, []).append(slot)
+        y_ND = x_TD.new_zeros(T * K, x_TD.shape[1])  # one row per slot; empty slots stay zero
+        weights_N = route.weights.reshape(-1)
+        for e in sorted(slots_by_expert):
+            slots = torch.tensor(slots_by_expert[e], device=x_TD.device)
+            y_ND[slots] = self.experts.expert_forward(e, x_TD[slots // K], weights_N[slots])
+        # Summed per token in slot order with the same kernel as the main path.
+        y_TD = torch.nn.functional.embedding_bag(torch.arange(T * K, device=x_TD.device).view(T, K), y_ND, mode="sum")
+        counts = torch.zeros(E, dtype=torch.long, device=x_TD.device)
+        for e, slots in slots_by_expert.items():
+            counts[e] = len(slots)
+        zero = torch.zeros((), dtype=torch.long, device=x_TD.device)
+        empty = torch.zeros(0, dtype=torch.long, device=x_TD.device)
+        plan = dispatch.DispatchPlan(empty, empty, weights_N[:0], counts, counts, T, K, None, zero, zero)
+        return y_TD, plan
 
     def _check_input(self, x: Tensor, token_ids: Tensor | None, mask: Tensor | None) -> tuple[int, ...]:
         cfg = self.config
