@@ -84,7 +84,7 @@ class MoEConfig:
     shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x . w_gate)
 
     # --- execution ---
-    expert_impl: str = "auto"  # grouped_mm (torch._grouped_mm) where available, else a loop of torch.mm per segment
+    expert_impl: str = "auto"  # auto: torch._grouped_mm on GPUs that have it, a segment loop of torch.mm on CPU (faster there)
     checkpoint_experts: bool = False  # recompute expert activations in backward to save memory
 
     def __post_init__(self) -> None:

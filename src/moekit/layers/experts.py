@@ -107,11 +107,46 @@ def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
     return False
 
 
-def _cpu_with_idle_experts(x_MD: Tensor, counts_E: Tensor) -> bool:
-    # torch's CPU _grouped_mm runs a matmul for every group, empty ones included, and so reads every expert's
-    # weights: at decode (T*K << E) that is the cost of the total parameters, not the active ones. The loop below
-    # skips idle experts. (CUDA kernels skip empty groups; there grouped_mm is always right.)
-    return x_MD.device.type == "cpu" and bool((counts_E == 0).any())
+class _SegmentMM(torch.autograd.Function):
+    """x[segment e] @ w[e] for every non-empty segment, each product written in place into one output (and the
+    same in backward): no concatenation, and idle experts cost nothing.
+
+    On CPU this is the fast path: torch's CPU `_grouped_mm` is itself a loop of matmuls, slower than this one, and
+    it multiplies empty groups too, reading every expert's weights at decode (the cost of the total parameters,
+    not the active ones).
+    """
+
+    @staticmethod
+    def forward(ctx, x_MD: Tensor, w_EDF: Tensor, counts: list[int]) -> Tensor:  # type: ignore[override]
+        out_MF = x_MD.new_empty(x_MD.shape[0], w_EDF.shape[-1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.mm(x_MD[start : start + n], w_EDF[e], out=out_MF[start : start + n])
+                start += n
+        ctx.save_for_backward(x_MD, w_EDF)
+        ctx.counts = counts
+        return out_MF
+
+    @staticmethod
+    def backward(ctx, grad_MF: Tensor):  # type: ignore[override]
+        x_MD, w_EDF = ctx.saved_tensors
+        grad_MF = grad_MF.contiguous()
+        grad_x = torch.empty_like(x_MD) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(w_EDF) if ctx.needs_input_grad[1] else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if not n:
+                if grad_w is not None:
+                    grad_w[e].zero_()
+                continue
+            g = grad_MF[start : start + n]
+            if grad_x is not None:
+                torch.mm(g, w_EDF[e].t(), out=grad_x[start : start + n])
+            if grad_w is not None:
+                torch.mm(x_MD[start : start + n].t(), g, out=grad_w[e])
+            start += n
+        return grad_x, grad_w, None
 
 
 def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor, impl: str = "auto") -> Tensor:
@@ -122,8 +157,8 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor,
         w_EDF: [E, D, F] stacked weights.
         counts_E: [E] int64 rows per expert.
         offsets_E: [E] int32 cumulative row counts (end offset of each expert's segment), on x's device.
-        impl: "grouped_mm", "loop" or "auto" (grouped_mm when the installed torch supports it here, except on CPU
-            when some expert has no rows).
+        impl: "grouped_mm", "loop" or "auto" (torch._grouped_mm on accelerators that support it, the segment loop
+            on CPU, where it is faster).
     Returns:
         [M, F].
     """
@@ -131,7 +166,7 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor,
         raise ValueError(f"unknown expert_impl {impl!r}: expected one of {', '.join(map(repr, EXPERT_IMPLS))}")
     if x_MD.shape[0] == 0:  # no rows: keep the (empty) result connected to the graph
         return x_MD @ w_EDF[0]
-    use_grouped = impl == "grouped_mm" or (impl == "auto" and not _cpu_with_idle_experts(x_MD, counts_E))
+    use_grouped = impl == "grouped_mm" or (impl == "auto" and x_MD.device.type != "cpu")
     if use_grouped and grouped_mm_available(x_MD, w_EDF):
         return _ContiguousGrad.apply(torch._grouped_mm(x_MD, w_EDF, offs=offsets_E))
     if impl == "grouped_mm":
@@ -139,8 +174,7 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor,
             f"expert_impl='grouped_mm' is not available for dtype {x_MD.dtype} on {x_MD.device} with torch "
             f"{torch.__version__}; use expert_impl='auto' or 'loop'"
         )
-    counts = counts_E.tolist()
-    return torch.cat([x_e @ w_EDF[e] for e, x_e in enumerate(x_MD.split(counts)) if counts[e]])
+    return _SegmentMM.apply(x_MD.contiguous(), w_EDF, counts_E.tolist())
 
 
 class Experts(nn.Module):

@@ -22,7 +22,7 @@ from moekit.layers.experts import FFN, Experts
 from moekit.layers.routing import RouterOutput, build_router
 
 
-_FEW_SLOTS = 64  # token-slots at or below which an inference call takes the decode path
+_FEW_SLOTS = 16  # token-slots at or below which an inference call takes the decode path (T=1 up to K=16)
 
 
 @dataclass
