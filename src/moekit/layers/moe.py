@@ -134,23 +134,30 @@ class MoE(nn.Module):
     def _forward_few_slots(self, x_TD: Tensor, route: RouterOutput) -> tuple[Tensor, dispatch.DispatchPlan]:
         T, K = route.indices.shape
         E = self.config.num_experts
-        slots_by_expert: dict[int, list[int]] = {}
-        for slot, e in enumerate(route.indices.reshape(-1).tolist()):
-            if e >= 0:
-                slots_by_expert.setdefault(e, []).append(slot)
+        experts = self.experts
+        plain_swiglu = experts.activation == "swiglu" and experts.b_in is None and experts.b_out is None
+        w_in, w_out = experts.w_in.to(x_TD.dtype), experts.w_out.to(x_TD.dtype)
+        weights_N = route.weights.reshape(-1).to(x_TD.dtype)
         y_ND = x_TD.new_zeros(T * K, x_TD.shape[1])  # one row per slot; empty slots stay zero
-        weights_N = route.weights.reshape(-1)
-        for e in sorted(slots_by_expert):
-            slots = torch.tensor(slots_by_expert[e], device=x_TD.device)
-            y_ND[slots] = self.experts.expert_forward(e, x_TD[slots // K], weights_N[slots])
+        counts = [0] * E
+        for slot, e in enumerate(route.indices.reshape(-1).tolist()):
+            if e < 0:
+                continue
+            counts[e] += 1
+            x_1D = x_TD[slot // K : slot // K + 1]
+            if plain_swiglu:  # the common case, spelled out: no autograd nodes, no temporaries beyond two rows
+                h_1X = x_1D @ w_in[e]
+                gate_1F, up_1F = h_1X.chunk(2, dim=-1)
+                a_1F = torch.nn.functional.silu(gate_1F).mul_(up_1F).mul_(weights_N[slot])
+                torch.mm(a_1F, w_out[e], out=y_ND[slot : slot + 1])
+            else:
+                y_ND[slot : slot + 1] = experts.expert_forward(e, x_1D, weights_N[slot : slot + 1])
         # Summed per token in slot order with the same kernel as the main path.
         y_TD = torch.nn.functional.embedding_bag(torch.arange(T * K, device=x_TD.device).view(T, K), y_ND, mode="sum")
-        counts = torch.zeros(E, dtype=torch.long, device=x_TD.device)
-        for e, slots in slots_by_expert.items():
-            counts[e] = len(slots)
+        counts_E = torch.tensor(counts, dtype=torch.long, device=x_TD.device)
         zero = torch.zeros((), dtype=torch.long, device=x_TD.device)
         empty = torch.zeros(0, dtype=torch.long, device=x_TD.device)
-        plan = dispatch.DispatchPlan(empty, empty, weights_N[:0], counts, counts, T, K, None, zero, zero)
+        plan = dispatch.DispatchPlan(empty, empty, weights_N[:0], counts_E, counts_E, T, K, None, zero, zero)
         return y_TD, plan
 
     def _check_input(self, x: Tensor, token_ids: Tensor | None, mask: Tensor | None) -> tuple[int, ...]:
