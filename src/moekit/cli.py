@@ -156,8 +156,10 @@ def _add_train(sub) -> None:
     # real defaults; `moekit train -h` shows them).
     train = sub.add_parser("train", help="train a language model from a preset on local text (or the embedded corpus)",
                            description="Train a tiny LM; see moekit.train.TrainConfig for every default.")
-    train.add_argument("--preset", help="model preset (default tiny-mixtral): tiny-dense, tiny-mixtral, tiny-switch, "
-                       "tiny-deepseek")
+    from moekit.presets import list_presets
+
+    train.add_argument("--preset", help=f"model preset (default tiny-mixtral): {', '.join(list_presets())}; or a "
+                       "ModelConfig .json file")
     train.add_argument("--out", help="run directory (default runs/<preset>)")
     _add_data_options(train)
     train.add_argument("--max-tokens", type=_positive, help="use only the first N tokens of the training split")
@@ -169,7 +171,8 @@ def _add_train(sub) -> None:
     train.add_argument("--warmup", type=int, help="linear warmup steps before the cosine decay (default 30)")
     train.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     train.add_argument("--clip", type=float, help="gradient-norm clip, 0 = off (default 1.0)")
-    train.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    train.add_argument("--bf16", action="store_true", default=None,
+                       help="bfloat16 autocast (slower on CPUs without bfloat16 instructions)")
     train.add_argument("--seed", type=int, help="seed of initialisation, batches and split (default 0)")
     train.add_argument("--eval-every", type=_positive, help="steps between validations (default 50)")
     train.add_argument("--save-every", type=int, help="steps between checkpoints, 0 = only at the end (default 100)")
@@ -203,12 +206,12 @@ def _add_compare(sub) -> None:
     )
     cmp.add_argument("--moe", help="MoE preset (default tiny-mixtral)")
     cmp.add_argument("--dense", help="dense preset (default tiny-dense)")
-    cmp.add_argument("--tokens", type=_positive, help="training tokens per model (default 327680)")
+    cmp.add_argument("--tokens", type=_positive, help="training tokens per model (default 655360)")
     cmp.add_argument("--out", help="output directory (default runs/compare)")
     _add_data_options(cmp)
     cmp.add_argument("--batch-size", type=_positive, help="windows per step (default 16)")
     cmp.add_argument("--seq-len", type=_positive, help="tokens per window (default 64)")
-    cmp.add_argument("--eval-every", type=_positive, help="steps between validations (default 20)")
+    cmp.add_argument("--eval-every", type=_positive, help="steps between validations (default 40)")
     cmp.add_argument("--seed", type=int)
     cmp.add_argument("--bf16", action="store_true", default=None)
     cmp.add_argument("--device", choices=("auto", "cpu", "cuda"))

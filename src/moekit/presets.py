@@ -428,7 +428,9 @@ TINY_PRESETS: dict[str, ModelConfig] = {
     # Switch Transformer (Fedus et al. 2021): top-1 routing to experts as wide as the dense FFN, capacity factor
     # 1.25 with overflowing tokens dropped (the residual carries them), every other layer MoE (layers 1, 3 as in
     # the released Switch-T5); the combine weight is the un-renormalised router probability so the router learns
-    # from the task loss, plus the Switch balance loss at the paper's 1e-2.
+    # from the task loss, plus the Switch balance loss at the paper's 1e-2. Capacity depends on the batch: a token
+    # can be dropped because of the tokens ahead of it in the batch (other rows included), and decoding one token
+    # at a time never drops, so cached decoding matches the full forward only where that dropped nothing.
     "tiny-switch": ModelConfig(
         **_TINY,
         dense_d_ff=768,

@@ -84,7 +84,7 @@ def test_metrics_record_every_step_with_the_documented_fields(corpus_dir, tiny_m
     for key in ("step", "tokens", "loss", "ce", "aux", "lr", "tok_per_s", "imbalance", "flops"):
         assert key in records[0], key
     assert records[-1]["tokens"] == 5 * 2 * 32
-    assert records[-1]["flops"] == pytest.approx(3 * result.train_flops / 3)
+    assert records[-1]["flops"] == result.train_flops  # training FLOPs so far: 3 x forward FLOPs/token x tokens
     assert records[-1]["imbalance"] >= 1.0
     assert set(records[-1]["val_loss_by_domain"]) == {"code", "prose"}
     assert records[-1]["loss"] == pytest.approx(records[-1]["ce"] + records[-1]["aux"], rel=1e-5)
@@ -222,6 +222,15 @@ def test_a_model_config_file_sets_the_model(corpus_dir, tiny_moe_json, tmp_path)
     t = Trainer(_config(corpus_dir, tiny_moe_json, tmp_path / "run"), log=lambda _: None)
     assert t.model_config.d_model == 32 and t.model_config.vocab_size == 257
     assert json.loads(Path(tiny_moe_json).read_text())["d_model"] == 32
+
+
+def test_the_progress_bar_shows_loss_speed_and_imbalance(corpus_dir, tiny_moe_json, tmp_path, capsys):
+    lines = []
+    train(_config(corpus_dir, tiny_moe_json, tmp_path / "run", steps=2, eval_every=2), log=lines.append, progress=True)
+    err = capsys.readouterr().err
+    assert "2/2" in err and "loss=" in err and "tok/s=" in err and "imb=" in err
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 1 and steps[0].startswith("step 2: val_loss")  # only validations, logged above the bar
 
 
 def test_progress_bar_is_off_under_ci(monkeypatch):
