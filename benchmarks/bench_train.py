@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from moekit import MoELM
 from moekit.generate import generate
+from moekit.hf.mixtral import mixtral_config_kwargs, mixtral_state_dict
 from moekit.presets import get_preset
 
 
@@ -50,32 +51,12 @@ def to_hf_mixtral(model: MoELM, experts_implementation: str):
     """A transformers MixtralForCausalLM with the same config and weights as a Mixtral-shaped MoELM."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg, moe = model.config, model.config.moe
     hf_config = MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=moe.d_ff, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size,
-        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
-        num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k, tie_word_embeddings=cfg.tie_embeddings,
-        output_router_logits=True, router_aux_loss_coef=moe.aux_loss_coef,
+        **mixtral_config_kwargs(model), output_router_logits=True, router_aux_loss_coef=model.config.moe.aux_loss_coef,
         experts_implementation=experts_implementation, attn_implementation="sdpa",
     )
     hf = MixtralForCausalLM(hf_config)
-    H, G, X = cfg.n_heads, cfg.kv_heads, cfg.head_size
-    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-             "lm_head.weight": model.lm_head.weight}
-    for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        q, k, v = block.attn.qkv_proj.weight.split([H * X, G * X, G * X])
-        state.update({
-            p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": block.attn.o_proj.weight,
-            p + "input_layernorm.weight": block.attn_norm.weight,
-            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-            p + "mlp.gate.weight": block.ffn.router.weight,
-            p + "mlp.experts.gate_up_proj": block.ffn.experts.w_in.transpose(1, 2),
-            p + "mlp.experts.down_proj": block.ffn.experts.w_out.transpose(1, 2),
-        })
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    missing, unexpected = hf.load_state_dict(mixtral_state_dict(model), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"weight copy failed: missing {missing}, unexpected {unexpected}")
     hf.generation_config.eos_token_id = None

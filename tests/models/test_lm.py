@@ -13,6 +13,7 @@ from moekit import MoE, MoEConfig, MoELM, ModelConfig
 from moekit.layers.attention import apply_rope, attention_mask, rope_tables
 from moekit.layers.experts import FFN
 from moekit.presets import PRESETS, get_preset, list_presets
+from moekit.hf.mixtral import mixtral_config_kwargs, mixtral_state_dict
 
 TINY = list_presets()
 DROPLESS = [name for name in TINY if (get_preset(name).moe is None or get_preset(name).moe.capacity_factor is None)]
@@ -338,33 +339,10 @@ def to_hf_mixtral(model: MoELM):
     """The same network as a transformers MixtralForCausalLM, weights copied (Mixtral-shaped configs only)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg, moe = model.config, model.config.moe
-    hf_config = MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=moe.d_ff, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size,
-        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
-        num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k, tie_word_embeddings=cfg.tie_embeddings,
-    )
-    hf = MixtralForCausalLM(hf_config).eval()
-    H, G, X, F_ = cfg.n_heads, cfg.kv_heads, cfg.head_size, moe.d_ff
-    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-             "lm_head.weight": model.lm_head.weight}
-    for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        q, k, v = block.attn.qkv_proj.weight.split([H * X, G * X, G * X])
-        state.update({
-            p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": block.attn.o_proj.weight,
-            p + "input_layernorm.weight": block.attn_norm.weight,
-            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-            p + "mlp.gate.weight": block.ffn.router.weight,
-            # ours: w_in [E, D, 2F] (gate | up), w_out [E, F, D]; theirs: gate_up_proj [E, 2F, D], down_proj [E, D, F]
-            p + "mlp.experts.gate_up_proj": block.ffn.experts.w_in.transpose(1, 2),
-            p + "mlp.experts.down_proj": block.ffn.experts.w_out.transpose(1, 2),
-        })
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    hf = MixtralForCausalLM(MixtralConfig(**mixtral_config_kwargs(model))).eval()
+    missing, unexpected = hf.load_state_dict(mixtral_state_dict(model), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    assert F_ == hf.model.layers[0].mlp.experts.intermediate_dim
+    assert model.config.moe.d_ff == hf.model.layers[0].mlp.experts.intermediate_dim
     return hf
 
 
