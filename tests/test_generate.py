@@ -14,13 +14,9 @@ from moekit.generate import generate, generate_timed, sample_next, top_k_filter,
 from moekit.presets import get_preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two, and much faster when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Every test here runs on one thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

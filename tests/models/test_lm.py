@@ -19,13 +19,9 @@ TINY = list_presets()
 DROPLESS = [name for name in TINY if (get_preset(name).moe is None or get_preset(name).moe.capacity_factor is None)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two, and much faster when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Every test here runs on one thread (see tests/conftest.py)."""
 
 
 def small(name: str, moe_changes: dict | None = None, **changes) -> ModelConfig:

@@ -14,13 +14,8 @@ from moekit.presets import get_preset
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These models are far too small to gain from two threads, and on a busy 2-core machine OpenMP threads that
-    wait for each other make a step 100x slower; subprocesses get OMP_NUM_THREADS=1 for the same reason."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Every test here runs on one thread (see tests/conftest.py)."""
 
 
 def tiny_model_config(moe: bool = True):
