@@ -152,6 +152,25 @@ class MoEConfig:
         return cls(**data)
 
 
+ROPE_TYPES = {  # rope_scaling["rope_type"] -> the keys it needs (HF spelling)
+    "default": (),
+    "linear": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+}
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict or None, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported: expected one of {sorted(ROPE_TYPES)}")
+    missing = [key for key in ROPE_TYPES[kind] if scaling.get(key) is None]
+    if missing:
+        raise ValueError(f"rope_scaling {scaling} (type {kind!r}) lacks {missing}")
+
+
 @dataclass
 class ModelConfig:
     """A decoder-only language model: attention blocks whose feed-forward is an MoE layer or a dense SwiGLU FFN.
@@ -170,6 +189,8 @@ class ModelConfig:
     head_dim: int | None = None  # None = d_model // n_heads; must be even (RoPE rotates pairs of dimensions)
     max_seq_len: int = 256  # longest context: the RoPE table and the largest KV cache
     rope_theta: float = 10000.0  # RoPE base (Su et al. 2021); Mixtral uses 1e6 for long contexts
+    rope_scaling: dict | None = None  # long-context RoPE: HF-style dict, rope_type default/linear/yarn/llama3 (see
+    #   moekit.layers.attention.rope_frequencies); None = plain RoPE
     norm_eps: float = 1e-5  # RMSNorm epsilon (Zhang & Sennrich 2019), as Llama/Mixtral
 
     # --- feed-forward ---
@@ -202,6 +223,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         k = self.first_k_dense
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.n_layers:
             raise ValueError(f"first_k_dense must be an integer in [0, n_layers={self.n_layers}], got {k!r}")

@@ -9,9 +9,13 @@ the same numbers: RMSNorm in float32, RoPE in the "rotate half" (non-interleaved
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moekit.config import ROPE_TYPES
 
 
 class RMSNorm(nn.Module):
@@ -34,16 +38,76 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype) * self.weight
 
 
-def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of every position's rotation angles (RoPE, Su et al. 2021, eq. 34), float32, [max_len, X].
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[Tensor, float]:
+    """The X/2 rotation frequencies of RoPE and the attention factor that multiplies cos and sin.
 
-    Frequency i (of X/2) is theta^(-2i/X); each appears twice, once per half of the head ("rotate half" layout,
-    as GPT-NeoX, Llama and transformers lay it out, rather than interleaved pairs).
+    Frequency i is theta^(-2i/X) (Su et al. 2021, eq. 34), then changed by `scaling` for long contexts, with the
+    keys and meanings of Hugging Face's `rope_scaling` / `rope_parameters` dicts:
+    - None or {"rope_type": "default"}: unchanged, factor 1;
+    - "linear" (position interpolation, Chen et al. 2023): every frequency / factor;
+    - "yarn" (Peng et al. 2023; DeepSeek-V2/V3, GPT-OSS): low frequencies interpolated by `factor`, high ones kept,
+      a linear ramp between the correction dims of beta_fast (32) and beta_slow (1) rotations over
+      original_max_position_embeddings (floored/ceiled unless truncate=False); attention factor given, or
+      mscale(factor, mscale) / mscale(factor, mscale_all_dim) with mscale(s, m) = 0.1 * m * ln(s) + 1;
+    - "llama3" (Llama 3.1): wavelengths longer than original_max_position_embeddings / low_freq_factor divided by
+      factor, shorter than .. / high_freq_factor kept, smoothly blended between.
+    Returns (inv_freq [X/2] float32, attention_factor).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [X/2]
+    if scaling is None:
+        return inv_freq, 1.0
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope scaling type {kind!r} is not supported: expected one of {sorted(ROPE_TYPES)}")
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    original = scaling["original_max_position_embeddings"]
+    if kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, blended, scaled), 1.0
+
+    def mscale(s: float, m: float = 1.0) -> float:
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as the reference implementation: avoid a division by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1 = keep the original frequency
+    inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin of every position's rotation angles, float32, [max_len, X], times the attention factor.
+
+    Each frequency of `rope_frequencies` appears twice, once per half of the head ("rotate half" layout, as
+    GPT-NeoX, Llama and transformers lay it out, rather than interleaved pairs).
+    """
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling)
     angles = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [max_len, X/2]
     angles = torch.cat((angles, angles), dim=-1)  # [max_len, X]
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
 def apply_rope(x_BSNX: Tensor, cos_SX: Tensor, sin_SX: Tensor) -> Tensor:

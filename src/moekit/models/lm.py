@@ -99,7 +99,7 @@ class MoELM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(config.max_seq_len, config.head_size, config.rope_theta)
+        cos, sin = rope_tables(config.max_seq_len, config.head_size, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, X]
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
