@@ -164,7 +164,7 @@ _SUB_DEFAULTS = {  # DBRX's nested configs
 }
 
 
-class _Config:
+class HFConfig:
     """A config.json dict: lookups try every spelling of a key in the file, then the family's default."""
 
     def __init__(self, data: dict[str, Any], model_type: str):
@@ -190,20 +190,20 @@ class _Config:
     def flag(self, key: str) -> bool:
         return bool(self.get(key, default=False))
 
-    def sub(self, key: str) -> _Config:
+    def sub(self, key: str) -> HFConfig:
         value = self.data.get(key) or {}
         if not isinstance(value, dict):  # a transformers sub-config object passed by a caller
             value = value.to_dict()
-        return _Config(value, f"{self.model_type}.{key}")
+        return HFConfig(value, f"{self.model_type}.{key}")
 
 
-def _nullable(c: _Config, key: str, if_null: Any) -> Any:
+def _nullable(c: HFConfig, key: str, if_null: Any) -> Any:
     """A key whose explicit null means something (`if_null`), unlike a missing key (the family default)."""
     value = c.data[key] if key in c.data else c.defaults.get(key)
     return if_null if value is None else value
 
 
-def _gqa(c: _Config, *, bias: bool = False, out_bias: bool | None = None, qk_norm: str | None = None, sinks=False):
+def _gqa(c: HFConfig, *, bias: bool = False, out_bias: bool | None = None, qk_norm: str | None = None, sinks=False):
     heads = c.req("num_attention_heads")
     head_dim = c.get("head_dim") or c.req("hidden_size") // heads
     return AttentionSpec(
@@ -219,7 +219,7 @@ def _gqa(c: _Config, *, bias: bool = False, out_bias: bool | None = None, qk_nor
     )
 
 
-def _windows(c: _Config, rule: Callable[[int], bool]) -> list[int | None]:
+def _windows(c: HFConfig, rule: Callable[[int], bool]) -> list[int | None]:
     """Per layer: the sliding window, or None. An explicit `layer_types` list wins over the family's rule."""
     window, types = c.get("sliding_window") or None, c.get("layer_types")  # Qwen2-MoE writes 0 for "none"
     if types is not None:
@@ -227,7 +227,7 @@ def _windows(c: _Config, rule: Callable[[int], bool]) -> list[int | None]:
     return [window if window and rule(i) else None for i in range(c.req("num_hidden_layers"))]
 
 
-def _decoder(c: _Config, layers: list[LayerSpec], **extra: Any) -> ArchSpec:
+def _decoder(c: HFConfig, layers: list[LayerSpec], **extra: Any) -> ArchSpec:
     quant, dtype = c.get("quantization_config"), c.get("dtype", "torch_dtype")
     return ArchSpec(
         model_type=c.model_type,
@@ -241,24 +241,24 @@ def _decoder(c: _Config, layers: list[LayerSpec], **extra: Any) -> ArchSpec:
     )
 
 
-def _num_experts(c: _Config) -> int:
+def _num_experts(c: HFConfig) -> int:
     return c.req("num_local_experts", "num_experts", "n_routed_experts")
 
 
-def _read_mixtral(c: _Config) -> ArchSpec:
+def _read_mixtral(c: HFConfig) -> ArchSpec:
     moe = MoESpec(_num_experts(c), c.req("num_experts_per_tok"), FFNSpec(c.req("intermediate_size")))
     windows = _windows(c, lambda i: True)  # Mixtral applies `sliding_window` (if set) to every layer
     return _decoder(c, [LayerSpec(_gqa(c), moe=moe, window=w) for w in windows])
 
 
-def _read_phimoe(c: _Config) -> ArchSpec:
+def _read_phimoe(c: HFConfig) -> ArchSpec:
     moe = MoESpec(_num_experts(c), c.req("num_experts_per_tok"), FFNSpec(c.req("intermediate_size")))
     attention = _gqa(c, bias=c.flag("attention_bias"))
     layers = [LayerSpec(attention, moe=moe, window=w) for w in _windows(c, lambda i: True)]
     return _decoder(c, layers, norm_bias=True, lm_head_bias=c.flag("lm_head_bias"))
 
 
-def _qwen_moe_layers(c: _Config, attention: AttentionSpec, moe: MoESpec, windows: list[int | None]) -> list[LayerSpec]:
+def _qwen_moe_layers(c: HFConfig, attention: AttentionSpec, moe: MoESpec, windows: list[int | None]) -> list[LayerSpec]:
     # Qwen2/3-MoE: a layer is MoE unless listed in mlp_only_layers, and then only every decoder_sparse_step-th.
     step, dense_only = c.req("decoder_sparse_step"), set(c.get("mlp_only_layers", default=[]))
     dense = FFNSpec(c.req("intermediate_size"))
@@ -269,7 +269,7 @@ def _qwen_moe_layers(c: _Config, attention: AttentionSpec, moe: MoESpec, windows
     return layers
 
 
-def _read_qwen2_moe(c: _Config) -> ArchSpec:
+def _read_qwen2_moe(c: HFConfig) -> ArchSpec:
     shared_width = c.get("shared_expert_intermediate_size", default=0)
     moe = MoESpec(
         _num_experts(c),
@@ -286,20 +286,20 @@ def _read_qwen2_moe(c: _Config) -> ArchSpec:
     return _decoder(c, _qwen_moe_layers(c, attention, moe, windows))
 
 
-def _read_qwen3_moe(c: _Config) -> ArchSpec:
+def _read_qwen3_moe(c: HFConfig) -> ArchSpec:
     moe = MoESpec(_num_experts(c), c.req("num_experts_per_tok"), FFNSpec(c.req("moe_intermediate_size")))
     attention = _gqa(c, bias=c.flag("attention_bias"), qk_norm="head")
     use_window = c.flag("use_sliding_window")
     return _decoder(c, _qwen_moe_layers(c, attention, moe, _windows(c, lambda i: use_window)))
 
 
-def _read_olmoe(c: _Config) -> ArchSpec:
+def _read_olmoe(c: HFConfig) -> ArchSpec:
     moe = MoESpec(_num_experts(c), c.req("num_experts_per_tok"), FFNSpec(c.req("intermediate_size")))
     attention = _gqa(c, bias=c.flag("attention_bias"), qk_norm="proj")
     return _decoder(c, [LayerSpec(attention, moe=moe) for _ in range(c.req("num_hidden_layers"))])
 
 
-def _read_granitemoe(c: _Config) -> ArchSpec:
+def _read_granitemoe(c: HFConfig) -> ArchSpec:
     shared_width = c.get("shared_intermediate_size", default=0)
     moe = MoESpec(
         _num_experts(c),
@@ -312,7 +312,7 @@ def _read_granitemoe(c: _Config) -> ArchSpec:
     return _decoder(c, [LayerSpec(attention, moe=moe) for _ in range(c.req("num_hidden_layers"))])
 
 
-def _read_gpt_oss(c: _Config) -> ArchSpec:
+def _read_gpt_oss(c: HFConfig) -> ArchSpec:
     moe = MoESpec(
         _num_experts(c),
         c.req("num_experts_per_tok", "experts_per_token"),
@@ -324,7 +324,7 @@ def _read_gpt_oss(c: _Config) -> ArchSpec:
     return _decoder(c, [LayerSpec(attention, moe=moe, window=w) for w in windows])
 
 
-def _read_deepseek(c: _Config) -> ArchSpec:
+def _read_deepseek(c: HFConfig) -> ArchSpec:
     heads = c.req("num_attention_heads")
     nope, rope, v = c.req("qk_nope_head_dim"), c.req("qk_rope_head_dim"), c.req("v_head_dim")
     attention = AttentionSpec(
@@ -360,7 +360,7 @@ def _read_deepseek(c: _Config) -> ArchSpec:
     return _decoder(c, layers, mtp_layers=mtp)
 
 
-def _read_dbrx(c: _Config) -> ArchSpec:
+def _read_dbrx(c: HFConfig) -> ArchSpec:
     attn, ffn = c.sub("attn_config"), c.sub("ffn_config")
     d, heads = c.req("d_model", "hidden_size"), c.req("n_heads", "num_attention_heads")
     attention = AttentionSpec("gqa", heads, attn.req("kv_n_heads"), d // heads, d // heads)  # one fused Wqkv
@@ -369,7 +369,7 @@ def _read_dbrx(c: _Config) -> ArchSpec:
     return _decoder(c, layers)  # DBRX's LayerNorms have no bias; its config rejects tied embeddings
 
 
-def _read_switch(c: _Config) -> ArchSpec:
+def _read_switch(c: HFConfig) -> ArchSpec:
     heads, d_kv = c.req("num_heads", "num_attention_heads"), c.req("d_kv")
     attention = AttentionSpec("gqa", heads, heads, d_kv, d_kv)
     dense = FFNSpec(c.req("d_ff"), gated=False)  # transformers builds DenseActDense (wi, wo) whatever dense_act_fn says
@@ -401,7 +401,7 @@ def _read_switch(c: _Config) -> ArchSpec:
     return _decoder(c, layers, final_norms=2)
 
 
-def _read_glam(c: _Config) -> ArchSpec:
+def _read_glam(c: HFConfig) -> ArchSpec:
     # moekit's own description of an unreleased model (GLaM has no Hugging Face class); keys follow HF names.
     attention = _gqa(c)
     dense = FFNSpec(c.req("intermediate_size"), gated=c.flag("dense_ffn_gated"))
@@ -412,7 +412,7 @@ def _read_glam(c: _Config) -> ArchSpec:
     return _decoder(c, [LayerSpec(attention, moe=moe if s else None, ffn=None if s else dense) for s in sparse])
 
 
-READERS: dict[str, Callable[[_Config], ArchSpec]] = {
+READERS: dict[str, Callable[[HFConfig], ArchSpec]] = {
     "mixtral": _read_mixtral,
     "qwen2_moe": _read_qwen2_moe,
     "qwen3_moe": _read_qwen3_moe,
@@ -442,7 +442,7 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
     model_type = config.get("model_type")
     if model_type not in READERS:
         raise ValueError(f"unsupported model_type {model_type!r}: moekit reads {', '.join(sorted(READERS))}")
-    return READERS[model_type](_Config(config, model_type))
+    return READERS[model_type](HFConfig(config, model_type))
 
 
 def load_config(source: str | Path) -> tuple[str, dict[str, Any]]:

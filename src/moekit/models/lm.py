@@ -105,6 +105,18 @@ class MoELM(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the buffers no checkpoint stores (RoPE tables, MoE step loads) on `device` (default: the
+        embedding's), e.g. after building the model on the meta device and loading its weights with assign=True."""
+        device = self.embed.weight.device if device is None else device
+        cfg = self.config
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.step_load = torch.zeros_like(module.step_load, device=device)
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2 init (Radford et al. 2019): every matrix ~ N(0, init_std), the projections that write into the
         residual stream (attention output, FFN and expert down projections) scaled by 1/sqrt(2 * n_layers) so the
