@@ -62,14 +62,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _generate(args: argparse.Namespace) -> int:
     from moekit.train import generate_text, load_model
 
-    model, tokenizer, _ = load_model(args.checkpoint, args.device)
+    if args.hf is not None:
+        from moekit.hf import load_pretrained, load_tokenizer
+
+        device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+        model = load_pretrained(args.hf, dtype=args.dtype, device=device, max_seq_len=args.max_seq_len)
+        tokenizer, start_ids = load_tokenizer(args.hf)
+    else:
+        model, tokenizer, _ = load_model(args.checkpoint, args.device)
+        start_ids = None
     print(args.prompt, end="", flush=True)
     result = generate_text(
         model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy,
-        args.seed, on_text=lambda text: print(text, end="", flush=True),
+        args.seed, on_text=lambda text: print(text, end="", flush=True), start_ids=start_ids,
     )
     print()
     print(
@@ -186,7 +200,12 @@ def _add_train(sub) -> None:
 
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint, streaming the text")
-    gen.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or checkpoint dir")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or checkpoint dir")
+    source.add_argument("--hf", help="a Hugging Face model folder (config.json, safetensors, tokenizer.json)")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="--hf: weight dtype (default: "
+                     "the checkpoint's)")
+    gen.add_argument("--max-seq-len", type=_positive, help="--hf: cap the context (default: the model's)")
     gen.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     gen.add_argument("--max-new-tokens", type=_positive, default=100)
     gen.add_argument("--temperature", type=float, default=0.8)

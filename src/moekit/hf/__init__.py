@@ -152,3 +152,34 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 __all__ = ["load_pretrained", "save_pretrained", "config_from_hf", "supported_model_types", "HFCheckpointError"]
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The folder's `tokenizer.json` as a moekit Tokenizer, and the ids to put before a prompt.
+
+    EOS and BOS come from generation_config.json, else config.json (`eos_token_id` may be a list: the first is
+    used to stop). Returns (Tokenizer, start_ids): start_ids is [bos_token_id], or [] when the model names none.
+    Raises HFCheckpointError when there is no tokenizer.json or no EOS id.
+    """
+    import json
+
+    from moekit.train.data import Tokenizer
+
+    folder = Path(path)
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise HFCheckpointError(f"no tokenizer.json in {str(folder)!r}: generating text needs the model's tokenizer")
+    ids: dict[str, Any] = {}
+    for name in ("config.json", "generation_config.json"):  # the generation config wins
+        if (folder / name).is_file():
+            data = json.loads((folder / name).read_text())
+            ids.update({k: data[k] for k in ("eos_token_id", "bos_token_id") if data.get(k) is not None})
+    eos = ids.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if not isinstance(eos, int):
+        raise HFCheckpointError(f"{str(folder)!r} names no eos_token_id in config.json or generation_config.json")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tokenizer = Tokenizer(HFTokenizer.from_file(str(file)), eos_id=eos)
+    bos = ids.get("bos_token_id")
+    return tokenizer, ([bos] if isinstance(bos, int) else [])

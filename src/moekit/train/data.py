@@ -264,11 +264,13 @@ class Tokenizer:
 
     Args:
         hf: the underlying `tokenizers.Tokenizer`; build one with `train_bpe`, `bytes` or `load`.
+        eos_id: the end-of-text id; None = the id of moekit's EOS token (a released model's tokenizer names its
+            own, e.g. from its config.json: see `moekit.hf.load_tokenizer`).
     """
 
-    def __init__(self, hf) -> None:
+    def __init__(self, hf, eos_id: int | None = None) -> None:
         self.hf = hf
-        eos = hf.token_to_id(EOS)
+        eos = hf.token_to_id(EOS) if eos_id is None else eos_id
         if eos is None:
             raise DataError(f"tokenizer has no {EOS} token")
         self.eos_id: int = eos

@@ -43,6 +43,7 @@ def generate_text(
     greedy: bool = False,
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
+    start_ids: list[int] | None = None,
 ) -> GeneratedText:
     """Continue `prompt` with the model, stopping at EOS or after max_new_tokens.
 
@@ -52,6 +53,8 @@ def generate_text(
         prompt: text to continue; "" starts a new document (the prompt is the EOS separator).
         max_new_tokens, temperature, top_k, top_p, greedy, seed: as in `moekit.generate.generate`.
         on_text: called with each piece of newly complete text as it is generated (never half a character).
+        start_ids: ids put before the prompt; None = [EOS] (moekit's models saw every document start after an EOS;
+            a released model wants its BOS, or nothing).
 
     Returns:
         GeneratedText. A prompt longer than max_seq_len - max_new_tokens keeps only its last tokens.
@@ -61,7 +64,9 @@ def generate_text(
     limit = model.config.max_seq_len
     if max_new_tokens >= limit:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be below the model's max_seq_len={limit}")
-    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)  # the model saw every document start after an EOS
+    ids = ([tokenizer.eos_id] if start_ids is None else list(start_ids)) + tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("an empty prompt needs start_ids (e.g. the model's BOS token) to start from")
     ids = ids[-(limit - max_new_tokens) :]
     device = next(model.parameters()).device
     decoder = StreamDecoder(tokenizer)
