@@ -81,7 +81,7 @@ def load_pretrained(
     expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(path, hf.get("quantization_config"))
     state, problems = {}, []
     try:
         for name, tensor, source in fam.import_weights(model, reader, dtype):

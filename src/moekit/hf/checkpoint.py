@@ -4,6 +4,11 @@
 the target dtype as it is taken, and records which names were consumed, so a loader can prove that every tensor in
 the checkpoint found a home (`unconsumed()`). Per-expert tensors are stacked into a preallocated [E, ...] tensor
 slice by slice (`take_stacked`): the model never exists twice in memory.
+
+Quantized releases are dequantized as they are read, so the families never see them: DeepSeek-V3's FP8 weights
+(`float8_e4m3fn` with a `weight_scale_inv` per 128x128 block, quant_method "fp8") and GPT-OSS's MXFP4 experts
+(`*_blocks` packed 4-bit values, two per byte, and `*_scales` power-of-two exponents biased by 127 per 32 values,
+quant_method "mxfp4"). Both are bit-exact with transformers' own dequantization (tested).
 """
 
 from __future__ import annotations
@@ -39,16 +44,56 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+QUANT_METHODS = ("fp8", "mxfp4")  # quantization_config.quant_method values that are dequantized on load
+
+# The 16 values of an FP4 (E2M1) code, low nibble first (OCP Microscaling spec; transformers' FP4_VALUES).
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int] = (128, 128)) -> Tensor:
+    """FP8 block-quantized [N, K] weight -> float32: every (block[0] x block[1]) tile times its scale_inv entry
+    ([ceil(N/b0), ceil(K/b1)]; DeepSeek-V3's layout)."""
+    rows, cols = weight.shape[-2:]
+    scale = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    scale = scale.repeat_interleave(block[1], dim=-1)[..., :cols]
+    return weight.float() * scale
+
+
+def dequantize_mxfp4(blocks: Tensor, scales: Tensor) -> Tensor:
+    """MXFP4 [..., R, G, 16] uint8 blocks (32 4-bit codes per group, low nibble first) and [..., R, G] uint8
+    exponents (bias 127) -> float32 [..., G*32, R]: the layout of the unquantized GPT-OSS expert tensors, whose
+    packed form is stored transposed."""
+    if blocks.shape[:-1] != scales.shape:
+        raise HFCheckpointError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    codes = blocks.to(torch.uint8)
+    values = torch.stack((lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]), dim=-1).flatten(-2)  # [..., G, 32]
+    values = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None].float())
+    return values.flatten(-2).transpose(-1, -2).contiguous()  # [..., R, G*32] -> [..., G*32, R]
+
+
 class CheckpointReader:
     """Lazy, consumption-tracking access to the tensors of a safetensors checkpoint folder.
 
     Args:
         path: a folder with `model.safetensors`, or `model.safetensors.index.json` and its shards (any other
             single `*.safetensors` file is accepted too when it is the only one).
+        quantization: the config's `quantization_config` (None = unquantized): "fp8" and "mxfp4" are dequantized
+            as tensors are taken; any other method is refused with a clear error.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, quantization: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
+        self.quant_method = None
+        if quantization:
+            method = quantization.get("quant_method")
+            if method not in QUANT_METHODS:
+                raise HFCheckpointError(
+                    f"quantization_config.quant_method {method!r} is not supported: moekit dequantizes "
+                    f"{', '.join(QUANT_METHODS)} checkpoints on load (or use an unquantized release)"
+                )
+            self.quant_method = method
+            self.fp8_block = tuple(quantization.get("weight_block_size") or (128, 128))
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -81,7 +126,9 @@ class CheckpointReader:
         return sorted(self._file_of)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return name in self._file_of or (
+            self.quant_method == "mxfp4" and name + "_blocks" in self._file_of and name + "_scales" in self._file_of
+        )
 
     def _handle(self, name: str):
         if name not in self._file_of:
@@ -96,10 +143,20 @@ class CheckpointReader:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def take(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        """Read tensor `name` (converted to dtype if given) and mark it consumed."""
+        """Read tensor `name` (dequantized if stored quantized; converted to dtype if given); mark it consumed."""
+        if name not in self._file_of and self.quant_method == "mxfp4" and name in self:
+            tensor = dequantize_mxfp4(self._read(name + "_blocks"), self._read(name + "_scales"))
+            return tensor if dtype is None else tensor.to(dtype)
+        tensor = self._read(name)
+        scale_name = name.removesuffix("weight") + "weight_scale_inv" if name.endswith("weight") else None
+        if self.quant_method == "fp8" and scale_name in self._file_of and tensor.dtype.itemsize == 1:
+            tensor = dequantize_fp8(tensor, self._read(scale_name), self.fp8_block)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def _read(self, name: str) -> Tensor:
         tensor = self._handle(name).get_tensor(name)
         self._consumed.add(name)
-        return tensor if dtype is None else tensor.to(dtype)
+        return tensor
 
     def take_stacked(
         self,
