@@ -227,3 +227,28 @@ def test_moe_accepts_both_3d_and_2d_inputs_and_keeps_their_shape():
     moe = small_moe()
     assert moe(torch.randn(2, 3, 8)).shape == (2, 3, 8)
     assert moe(torch.randn(5, 8)).shape == (5, 8)
+
+
+def test_swiglu_oai_constants_are_validated_and_default_to_gpt_oss():
+    cfg = MoEConfig(activation="swiglu_oai")
+    assert cfg.gated and (cfg.swiglu_alpha, cfg.swiglu_limit) == (1.702, 7.0)
+    for name in ("swiglu_alpha", "swiglu_limit"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number > 0"):
+            MoEConfig(activation="swiglu_oai", **{name: 0.0})
+
+
+def test_swiglu_oai_matches_its_formula_in_every_expert_path():
+    from moekit.layers.experts import Experts
+
+    torch.manual_seed(0)
+    experts = Experts(2, 8, 4, "swiglu_oai", bias=True, swiglu_alpha=1.5, swiglu_limit=0.5)
+    with torch.no_grad():
+        experts.w_in.mul_(4.0)  # push some pre-activations past the limit
+        experts.b_in.normal_()
+    x = torch.randn(5, 8)
+    h = x @ experts.w_in[1] + experts.b_in[1]
+    gate, up = h[:, :4].clamp(max=0.5), h[:, 4:].clamp(-0.5, 0.5)
+    want = ((up + 1) * gate * torch.sigmoid(1.5 * gate)) @ experts.w_out[1] + experts.b_out[1]
+    assert (h.abs() > 0.5).any()
+    torch.testing.assert_close(experts.expert_forward(1, x), want)
+    torch.testing.assert_close(experts(x, torch.tensor([0, 5]))[:5], want)

@@ -11,8 +11,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu", "swiglu_oai")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_oai")
+QK_NORMS = ("head", "proj")
 ROUTERS = ("topk", "noisy_topk", "deepseek", "expert_choice", "top_p", "hash", "hierarchical")
 SOFTMAX_ORDERS = ("softmax_topk", "topk_softmax")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -51,6 +52,10 @@ class MoEConfig:
     # --- experts ---
     activation: str = "swiglu"  # swiglu/geglu: gated 3-matrix (Mixtral, DeepSeek); relu/gelu/silu: 2-matrix (Switch)
     expert_bias: bool = False  # biases in expert projections (GPT-OSS, original Switch); most modern MoEs have none
+    # swiglu_oai, GPT-OSS's clamped SwiGLU: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with
+    # g = clamp(gate, max=limit); g * sigmoid(1.702 g) is the sigmoid approximation of GELU (Hendrycks & Gimpel 2016)
+    swiglu_alpha: float = 1.702  # swiglu_oai only: sigmoid gain (1.702, the sigmoid approximation of GELU)
+    swiglu_limit: float = 7.0  # swiglu_oai only: clamp bound of gate (above) and up (both sides), as GPT-OSS
 
     # --- router ---
     router: str = "topk"  # one of ROUTERS
@@ -124,6 +129,10 @@ class MoEConfig:
             raise ValueError("overflow='reroute' does not apply to expert_choice routing (experts pick tokens)")
         for name in ("aux_loss_coef", "cv2_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "noise_eps"):
             _non_negative(name, getattr(self, name))
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         _non_negative("routed_scaling_factor", self.routed_scaling_factor)
         if self.routed_scaling_factor == 0:
             raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
@@ -175,8 +184,9 @@ def _check_rope_scaling(scaling: Any) -> None:
 class ModelConfig:
     """A decoder-only language model: attention blocks whose feed-forward is an MoE layer or a dense SwiGLU FFN.
 
-    Which layers are MoE: none when `moe` is None; otherwise layer i is MoE when i >= first_k_dense and
-    (i - first_k_dense) % moe_every == 0 (see `is_moe_layer`). Fields left None are derived (`head_size`,
+    Which layers are MoE: none when `moe` is None; otherwise every layer not in `dense_layers` when that list is
+    given, else layer i is MoE when i >= first_k_dense and (i - first_k_dense) % moe_every == 0 (see
+    `is_moe_layer`). Which layers attend within a sliding window: `window_of`. Fields left None are derived (`head_size`,
     `kv_heads`) so that `dataclasses.replace` of a size keeps them consistent.
     """
 
@@ -193,11 +203,25 @@ class ModelConfig:
     #   moekit.layers.attention.rope_frequencies); None = plain RoPE
     norm_eps: float = 1e-5  # RMSNorm epsilon (Zhang & Sennrich 2019), as Llama/Mixtral
 
+    # --- attention variants (defaults: Llama/Mixtral attention, which none of these change) ---
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2-MoE, GPT-OSS, OLMoE/Qwen3 attention_bias)
+    o_bias: bool = False  # bias on the attention output projection (GPT-OSS)
+    qk_norm: str | None = None  # RMSNorm of q and k before RoPE (training stability, OLMo/Qwen3): "head" = over
+    #   each head's X dims (Qwen3-MoE), "proj" = over the whole projection, H*X for q, G*X for k (OLMoE); None = off
+    clip_qkv: float | None = None  # clamp q, k, v to [-clip_qkv, clip_qkv] after the qk norm (OLMoE, DBRX)
+    attn_sinks: bool = False  # one learned logit per head added to the softmax denominator: a head may attend to
+    #   "nothing" (GPT-OSS; attention sinks, Xiao et al. 2023)
+    sliding_window: int | None = None  # windowed layers let a query see itself and the W-1 keys before it
+    #   (Mistral; GPT-OSS uses 128); None = full causal attention everywhere
+    window_layers: list[int] | None = None  # the layers that use sliding_window; None = all (GPT-OSS: 0, 2, 4, ...)
+
     # --- feed-forward ---
     dense_d_ff: int = 768  # hidden width of the dense SwiGLU FFN layers (the dense baseline, first_k_dense layers)
     moe: MoEConfig | None = None  # the MoE layer config; None = every layer dense
     first_k_dense: int = 0  # the first k layers stay dense (DeepSeekMoE/V3: early layers balance poorly)
     moe_every: int = 1  # MoE on every n-th layer from first_k_dense (2 = every other layer, Switch/GShard)
+    dense_layers: list[int] | None = None  # explicit dense layers, any pattern (Qwen-MoE mlp_only_layers and
+    #   decoder_sparse_step); when set, first_k_dense and moe_every must keep their defaults
 
     # --- embeddings and init ---
     tie_embeddings: bool = False  # share the token embedding with the output head (Press & Wolf 2017)
@@ -228,6 +252,28 @@ class ModelConfig:
         k = self.first_k_dense
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.n_layers:
             raise ValueError(f"first_k_dense must be an integer in [0, n_layers={self.n_layers}], got {k!r}")
+        if self.qk_norm is not None:
+            _choice("qk_norm", self.qk_norm, QK_NORMS)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+                raise ValueError(f"clip_qkv must be None or a finite number > 0, got {c!r}")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
+        if self.window_layers is not None:
+            if self.sliding_window is None:
+                raise ValueError("window_layers is set but sliding_window is None (the window those layers use)")
+            self.window_layers = self._layer_list("window_layers", self.window_layers)
+        if self.dense_layers is not None:
+            if self.first_k_dense != 0 or self.moe_every != 1:
+                raise ValueError(
+                    "dense_layers lists the dense layers explicitly: leave first_k_dense=0 and moe_every=1 "
+                    f"(got {self.first_k_dense} and {self.moe_every})"
+                )
+            self.dense_layers = self._layer_list("dense_layers", self.dense_layers)
+        for name in ("qkv_bias", "o_bias", "attn_sinks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         if self.moe is not None:
@@ -238,8 +284,19 @@ class ModelConfig:
                 raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
             if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
                 raise ValueError(
-                    f"moe is set but no layer is MoE: first_k_dense={self.first_k_dense} of n_layers={self.n_layers}"
+                    f"moe is set but no layer is MoE: first_k_dense={self.first_k_dense}, "
+                    f"dense_layers={self.dense_layers} of n_layers={self.n_layers}"
                 )
+
+    def _layer_list(self, name: str, layers: Any) -> list[int]:
+        """A list of distinct layer indices in [0, n_layers), sorted (a tuple or any order is accepted)."""
+        if not isinstance(layers, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers
+        ):
+            raise ValueError(f"{name} must be a list of layer indices in [0, n_layers={self.n_layers}), got {layers!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"{name} lists a layer twice: {layers!r}")
+        return sorted(layers)
 
     @property
     def head_size(self) -> int:
@@ -252,10 +309,23 @@ class ModelConfig:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     def is_moe_layer(self, i: int) -> bool:
-        """Whether layer i (0-based) uses the MoE feed-forward: i >= first_k_dense, every moe_every-th from there."""
+        """Whether layer i (0-based) uses the MoE feed-forward: not in dense_layers when that is given, else
+        i >= first_k_dense and every moe_every-th layer from there."""
         if not 0 <= i < self.n_layers:
             raise ValueError(f"layer index {i} out of range for n_layers={self.n_layers}")
-        return self.moe is not None and i >= self.first_k_dense and (i - self.first_k_dense) % self.moe_every == 0
+        if self.moe is None:
+            return False
+        if self.dense_layers is not None:
+            return i not in self.dense_layers
+        return i >= self.first_k_dense and (i - self.first_k_dense) % self.moe_every == 0
+
+    def window_of(self, i: int) -> int | None:
+        """The sliding-window span of layer i's attention, or None for full causal attention."""
+        if not 0 <= i < self.n_layers:
+            raise ValueError(f"layer index {i} out of range for n_layers={self.n_layers}")
+        if self.sliding_window is None or (self.window_layers is not None and i not in self.window_layers):
+            return None
+        return self.sliding_window
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable fields; `moe` becomes a nested dict (or None)."""

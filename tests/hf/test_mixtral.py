@@ -28,7 +28,9 @@ def tiny_mixtral(tmp_path, **overrides):
     return hf, folder
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True}, {"head_dim": 16}], ids=str)
+@pytest.mark.parametrize(
+    "overrides", [{}, {"tie_word_embeddings": True}, {"head_dim": 16}, {"sliding_window": 4}], ids=str
+)
 def test_logits_generation_and_export_match_transformers(tmp_path, overrides):
     hf, folder = tiny_mixtral(tmp_path, **overrides)
     model = mhf.load_pretrained(folder, dtype=torch.float32)

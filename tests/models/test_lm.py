@@ -200,6 +200,76 @@ def test_first_k_dense_and_moe_every_place_moe_layers():
     assert [deepseek.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
 
 
+def test_dense_layers_place_dense_layers_anywhere():
+    cfg = dataclasses.replace(small("tiny-mixtral"), dense_layers=(3, 1))
+    assert cfg.dense_layers == [1, 3] and [cfg.is_moe_layer(i) for i in range(4)] == [True, False, True, False]
+    model = MoELM(cfg)
+    assert [isinstance(b.ffn, MoE) for b in model.blocks] == [True, False, True, False]
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# --- attention variants (HF families) ---
+
+
+def _variant(**changes) -> ModelConfig:
+    return dataclasses.replace(small("tiny-mixtral"), **changes)
+
+
+@torch.no_grad()
+def _perturbed(cfg: ModelConfig) -> MoELM:
+    """A model whose biases, norms and sinks are non-trivial (init leaves them 0 or 1)."""
+    model = model_of(cfg).eval()
+    gen = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if name.endswith(("bias", "norm.weight", "sinks")):
+            p.add_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(qkv_bias=True, o_bias=True, attn_sinks=True, sliding_window=3, window_layers=[0, 2]),
+        dict(qk_norm="head", clip_qkv=0.5, sliding_window=4),
+        dict(qk_norm="proj", attn_sinks=True),
+    ],
+    ids=str,
+)
+def test_attention_variants_decode_with_the_cache_like_the_full_forward(changes):
+    model = _perturbed(_variant(**changes))
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 12)
+        chunks = [model(ids[:, :5], cache=cache).logits]
+        chunks += [model(ids[:, i : i + 1], cache=cache, start_pos=i).logits for i in range(5, 12)]
+    assert (torch.cat(chunks, dim=1) - full).abs().max() < 1e-5
+
+
+def test_sinks_at_minus_infinity_are_plain_attention_and_padding_stays_out():
+    plain = _perturbed(_variant(qkv_bias=True))
+    sinks = model_of(_variant(qkv_bias=True, attn_sinks=True)).eval()
+    sinks.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        for block in sinks.blocks:
+            block.attn.sinks.fill_(-float("inf"))
+        ids = tokens(1, 6)
+        assert (sinks(ids).logits - plain(ids).logits).abs().max() < 1e-5
+        for block in sinks.blocks:
+            block.attn.sinks.fill_(0.5)
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+        mask = torch.tensor([[False] * 3 + [True] * 6])
+        torch.testing.assert_close(sinks(padded, mask=mask).logits[:, 3:], sinks(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_sliding_window_mask_limits_each_query_to_its_last_w_keys():
+    mask = attention_mask(3, 6, None, "cpu", window=2)
+    assert mask.tolist() == [[False, False, True, True, False, False], [False, False, False, True, True, False],
+                             [False, False, False, False, True, True]]  # fmt: skip
+    assert attention_mask(5, 5, None, "cpu", window=5) is None  # the window reaches every key
+    assert attention_mask(1, 9, None, "cpu", window=4)[0].tolist() == [False] * 5 + [True] * 4
+
+
 # --- training signal ---
 
 
@@ -306,6 +376,15 @@ def test_model_config_from_dict_rejects_unknown_keys_here_and_in_moe():
         (dict(moe=MoEConfig(d_model=128)), "moe.d_model=128 must equal d_model=256"),
         (dict(tie_embeddings="yes"), "tie_embeddings must be a bool"),
         (dict(vocab_size=2.5), "vocab_size must be a positive integer, got 2.5"),
+        (dict(qk_norm="layer"), "unknown qk_norm 'layer'"),
+        (dict(clip_qkv=0.0), "clip_qkv must be None or a finite number > 0, got 0.0"),
+        (dict(sliding_window=0), "sliding_window must be a positive integer, got 0"),
+        (dict(window_layers=[0]), "window_layers is set but sliding_window is None"),
+        (dict(sliding_window=4, window_layers=[4]), r"window_layers must be a list of layer indices in \[0, n_layers=4\)"),
+        (dict(dense_layers=[1, 1]), "dense_layers lists a layer twice"),
+        (dict(dense_layers=[0, 1, 2, 3]), "no layer is MoE"),
+        (dict(dense_layers=[0], first_k_dense=1), "leave first_k_dense=0 and moe_every=1"),
+        (dict(attn_sinks=1), "attn_sinks must be a bool"),
     ],
 )
 def test_model_config_errors_name_the_bad_value(changes, match):

@@ -30,7 +30,13 @@ from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError, read_confi
 from moekit.hf.common import checkpoint_dtype
 from moekit.models.lm import MoELM
 
-FAMILY_MODULES = {"mixtral": "moekit.hf.mixtral"}  # model_type -> module
+FAMILY_MODULES = {  # model_type -> module
+    "mixtral": "moekit.hf.mixtral",
+    "qwen2_moe": "moekit.hf.qwen2_moe",
+    "qwen3_moe": "moekit.hf.qwen3_moe",
+    "olmoe": "moekit.hf.olmoe",
+    "gpt_oss": "moekit.hf.gpt_oss",
+}
 
 
 def supported_model_types() -> list[str]:

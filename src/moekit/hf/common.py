@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from moekit.analysis.arch import HFConfig
-from moekit.hf.checkpoint import CheckpointReader
+from moekit.config import MoEConfig, ModelConfig
+from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError
 from moekit.models.lm import MoELM
 
 # (moekit parameter name, tensor, the checkpoint name(s) it came from: for error messages)
@@ -74,6 +75,9 @@ def import_skeleton(model: MoELM, ckpt: CheckpointReader, dtype: torch.dtype, pr
         yield f"blocks.{i}.attn.o_proj.weight", ckpt.take(a + "o_proj.weight", dtype), a + "o_proj.weight"
         if block.attn.o_proj.bias is not None:
             yield f"blocks.{i}.attn.o_proj.bias", ckpt.take(a + "o_proj.bias", dtype), a + "o_proj.bias"
+        for extra in _ATTENTION_EXTRAS:  # q/k norms (Qwen3, OLMoE), sinks (GPT-OSS): the same names everywhere
+            if _attention_extra(block.attn, extra) is not None:
+                yield f"blocks.{i}.attn.{extra}", ckpt.take(a + extra, dtype), a + extra
     yield from _norm(ckpt, dtype, "norm.weight", prefix + "norm.weight")
     if not cfg.tie_embeddings:
         yield "lm_head.weight", ckpt.take("lm_head.weight", dtype), "lm_head.weight"
@@ -81,8 +85,6 @@ def import_skeleton(model: MoELM, ckpt: CheckpointReader, dtype: torch.dtype, pr
         head = ckpt.take("lm_head.weight", dtype)
         embed = ckpt.take(prefix + "embed_tokens.weight", dtype)
         if head.shape != embed.shape or not torch.equal(head, embed):
-            from moekit.hf.checkpoint import HFCheckpointError
-
             raise HFCheckpointError("tie_word_embeddings is true but lm_head.weight differs from the embedding")
 
 
@@ -103,6 +105,10 @@ def export_skeleton(model: MoELM, prefix: str = "model.") -> dict[str, Tensor]:
         out[a + "o_proj.weight"] = block.attn.o_proj.weight
         if block.attn.o_proj.bias is not None:
             out[a + "o_proj.bias"] = block.attn.o_proj.bias
+        for extra in _ATTENTION_EXTRAS:
+            tensor = _attention_extra(block.attn, extra)
+            if tensor is not None:
+                out[a + extra] = tensor
     out[prefix + "norm.weight"] = model.norm.weight
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = model.lm_head.weight
@@ -118,6 +124,95 @@ def skeleton_config(model: MoELM) -> dict[str, Any]:
         max_position_embeddings=cfg.max_seq_len, rope_parameters=rope_to_hf(model), rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings, dtype=dtype_name(model.embed.weight.dtype), hidden_act="silu",
     )  # fmt: skip
+
+
+_ATTENTION_EXTRAS = ("q_norm.weight", "k_norm.weight", "sinks")
+
+
+def _attention_extra(attn, name: str) -> Tensor | None:
+    module, _, attr = name.rpartition(".")
+    owner = getattr(attn, module) if module else attn
+    return None if owner is None else getattr(owner, attr)
+
+
+def reject_unsupported(c: HFConfig, *, silu: bool = True) -> None:
+    """Raise HFCheckpointError for options every family here would otherwise silently ignore: a quantized
+    checkpoint, and (where the family's MLPs read it) an activation other than SiLU."""
+    quant = c.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise HFCheckpointError(
+            f"{c.model_type} checkpoint is quantized (quantization_config.quant_method={method!r}): moekit loads "
+            "unquantized weights only; dequantize it first (e.g. transformers' from_pretrained with a dequantize "
+            "option, then save_pretrained)"
+        )
+    act = c.get("hidden_act", default="silu")
+    if silu and act not in ("silu", "swish"):
+        raise HFCheckpointError(f"{c.model_type} with hidden_act={act!r} is not supported: moekit's SwiGLU uses SiLU")
+
+
+def model_config(c: HFConfig, moe: MoEConfig, max_positions: int, **fields: Any) -> ModelConfig:
+    """ModelConfig from the Llama-shaped keys of a config.json (either spelling), plus family-specific `fields`;
+    max_positions is the family's default max_position_embeddings (transformers' config class)."""
+    theta, scaling = rope_from_hf(c)
+    d_model, heads = c.req("hidden_size"), c.req("num_attention_heads")
+    base = dict(
+        vocab_size=c.req("vocab_size"), d_model=d_model, n_layers=c.req("num_hidden_layers"), n_heads=heads,
+        n_kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or d_model // heads,
+        max_seq_len=c.get("max_position_embeddings", default=max_positions), rope_theta=theta, rope_scaling=scaling,
+        norm_eps=c.req("rms_norm_eps"), moe=moe, tie_embeddings=c.flag("tie_word_embeddings"),
+    )  # fmt: skip
+    try:
+        return ModelConfig(**{**base, **fields})
+    except ValueError as err:
+        raise HFCheckpointError(f"{c.model_type} config cannot be expressed in moekit: {err}") from None
+
+
+def check_fields(obj: Any, label: str, family: str, wanted: dict[str, Any]) -> None:
+    """ValueError naming the first field of `obj` (a config) that differs from what `family`'s format can hold."""
+    for name, value in wanted.items():
+        if getattr(obj, name) != value:
+            raise ValueError(f"a {family} checkpoint needs {label}{name}={value!r}, this model has {getattr(obj, name)!r}")
+
+
+def import_dense_mlp(ckpt: CheckpointReader, dtype: torch.dtype, name: str, source: str) -> Iterator[Weight]:
+    """A dense SwiGLU MLP stored as `{source}gate_proj/up_proj/down_proj.weight` -> moekit FFN `{name}w_in/w_out`."""
+    gate_up = [source + "gate_proj.weight", source + "up_proj.weight"]
+    yield name + "w_in.weight", _cat(ckpt, gate_up, dtype), " + ".join(gate_up)
+    yield name + "w_out.weight", ckpt.take(source + "down_proj.weight", dtype), source + "down_proj.weight"
+
+
+def export_dense_mlp(ffn, prefix: str) -> dict[str, Tensor]:
+    """The inverse of `import_dense_mlp`."""
+    gate, up = ffn.w_in.weight.chunk(2)
+    return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up, prefix + "down_proj.weight": ffn.w_out.weight}
+
+
+def import_experts(
+    ckpt: CheckpointReader, dtype: torch.dtype, num_experts: int, name: str, source: str
+) -> Iterator[Weight]:
+    """Routed SwiGLU experts in the Qwen2-MoE naming (shared by Qwen2/3-MoE and OLMoE): per expert
+    `{source}{j}.gate_proj/up_proj/down_proj.weight` as released, or transformers 5's fused in-memory
+    `{source}gate_up_proj` [E, 2F, D] and `{source}down_proj` [E, D, F]. moekit: w_in [E, D, 2F], w_out [E, F, D]."""
+    if source + "gate_up_proj" in ckpt:
+        yield name + "w_in", ckpt.take(source + "gate_up_proj", dtype).transpose(1, 2).contiguous(), source + "gate_up_proj"
+        yield name + "w_out", ckpt.take(source + "down_proj", dtype).transpose(1, 2).contiguous(), source + "down_proj"
+        return
+    pairs = [(f"{source}{j}.gate_proj.weight", f"{source}{j}.up_proj.weight") for j in range(num_experts)]
+    yield name + "w_in", ckpt.take_stacked(pairs, dtype, lambda g, u: torch.cat((g, u)).T), f"{source}*.gate/up_proj.weight"
+    downs = [f"{source}{j}.down_proj.weight" for j in range(num_experts)]
+    yield name + "w_out", ckpt.take_stacked(downs, dtype, lambda d: d.T), f"{source}*.down_proj.weight"
+
+
+def export_experts(experts, prefix: str) -> dict[str, Tensor]:
+    """The inverse of `import_experts`, under the released per-expert names."""
+    out, F = {}, experts.d_ff
+    for j in range(experts.num_experts):
+        gate, up = experts.w_in[j].T.split([F, F])
+        out[f"{prefix}{j}.gate_proj.weight"] = gate
+        out[f"{prefix}{j}.up_proj.weight"] = up
+        out[f"{prefix}{j}.down_proj.weight"] = experts.w_out[j].T
+    return out
 
 
 def _norm(ckpt: CheckpointReader, dtype: torch.dtype, name: str, source: str) -> Iterator[Weight]:

@@ -1,6 +1,7 @@
 """Mixtral (Jiang et al. 2024): config and weight names of transformers' `MixtralForCausalLM`.
 
-The model is moekit's MoELM unchanged: Llama attention, and per layer a top-2-of-8 SwiGLU MoE whose router takes
+The model is moekit's MoELM unchanged: Llama attention (a `sliding_window`, if the file sets one, on every
+layer), and per layer a top-2-of-8 SwiGLU MoE whose router takes
 the top k logits, then a softmax over those k (`softmax_order="topk_softmax"`). Released checkpoints store each
 expert apart (`block_sparse_moe.experts.{j}.w1/w3/w2`: gate, up, down, each [out, in]); transformers 5 fuses them
 in memory (`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F]) and writes the per-expert names back on
@@ -18,8 +19,8 @@ from torch import Tensor
 
 from moekit.analysis.arch import HFConfig
 from moekit.config import MoEConfig, ModelConfig
-from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError
-from moekit.hf.common import Weight, export_skeleton, import_skeleton, rope_from_hf, skeleton_config
+from moekit.hf.checkpoint import CheckpointReader
+from moekit.hf.common import Weight, check_fields, export_skeleton, import_skeleton, rope_from_hf, skeleton_config
 from moekit.models.lm import MoELM
 
 MODEL_TYPES = ("mixtral",)
@@ -28,11 +29,6 @@ ARCHITECTURE = "MixtralForCausalLM"
 
 def config_from_hf(c: HFConfig) -> ModelConfig:
     """moekit's ModelConfig for a Mixtral config.json (either spelling)."""
-    if c.get("sliding_window"):
-        raise HFCheckpointError(
-            f"mixtral with sliding_window={c.get('sliding_window')} is not supported yet (released Mixtral "
-            "checkpoints have none); only full attention is implemented for this family"
-        )
     theta, scaling = rope_from_hf(c)
     d_model, heads = c.req("hidden_size"), c.req("num_attention_heads")
     moe = MoEConfig(
@@ -44,6 +40,7 @@ def config_from_hf(c: HFConfig) -> ModelConfig:
         n_kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or d_model // heads,
         max_seq_len=c.get("max_position_embeddings", default=4096 * 32), rope_theta=theta, rope_scaling=scaling,
         norm_eps=c.req("rms_norm_eps"), moe=moe, tie_embeddings=c.flag("tie_word_embeddings"),
+        sliding_window=c.get("sliding_window") or None,  # every layer (Mistral's window); null in released Mixtrals
     )  # fmt: skip
 
 
@@ -95,8 +92,8 @@ def check_exportable(model: MoELM) -> None:
     for name, value in wanted.items():
         if getattr(moe, name) != value:
             raise ValueError(f"a Mixtral checkpoint needs moe.{name}={value!r}, this model has {getattr(moe, name)!r}")
-    if model.blocks[0].attn.qkv_proj.bias is not None or model.blocks[0].attn.o_proj.bias is not None:
-        raise ValueError("a Mixtral checkpoint has no attention biases, this model has them")
+    check_fields(cfg, "", "Mixtral", dict(qkv_bias=False, o_bias=False, qk_norm=None, clip_qkv=None, attn_sinks=False,
+                                           window_layers=None))  # fmt: skip
 
 
 def hf_config(model: MoELM) -> dict[str, Any]:
@@ -104,7 +101,7 @@ def hf_config(model: MoELM) -> dict[str, Any]:
     moe = model.config.moe
     return dict(
         skeleton_config(model), model_type="mixtral", architectures=[ARCHITECTURE], intermediate_size=moe.d_ff,
-        num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k, sliding_window=None,
+        num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k, sliding_window=model.config.sliding_window,
     )
 
 

@@ -4,7 +4,9 @@ Legend: B batch, S new tokens (the chunk being run), L keys attended (cached + n
 G key/value heads (H is a multiple of G), X head dim.
 
 Conventions follow Llama/Mixtral as implemented in Hugging Face transformers, so that converted checkpoints give
-the same numbers: RMSNorm in float32, RoPE in the "rotate half" (non-interleaved) layout, no biases.
+the same numbers: RMSNorm in float32, RoPE in the "rotate half" (non-interleaved) layout, no biases. The variants
+other families need are opt-in and cost nothing when off: q/k/v and output biases, q/k RMSNorm per head or over the
+whole projection, clamped q/k/v, attention sinks, sliding windows (a mask: `attention_mask(..., window=)`).
 """
 
 from __future__ import annotations
@@ -165,25 +167,32 @@ class KVCache:
         return self.key_mask[:, : start_pos + num_new]
 
 
-def attention_mask(num_new: int, num_keys: int, key_mask_BL: Tensor | None, device) -> Tensor | None:
+def attention_mask(
+    num_new: int, num_keys: int, key_mask_BL: Tensor | None, device, window: int | None = None
+) -> Tensor | None:
     """The boolean attention mask (True = attend) of a chunk whose S queries are the last S of its L keys.
 
-    Query i (key position L - S + i) sees key j when j <= L - S + i and key j is not padding; a query always sees
-    itself, so padding rows stay finite. Returns None when `scaled_dot_product_attention` needs no mask: no
-    padding and either the keys are the chunk itself (is_causal=True) or a single new token (sees every key).
+    Query i (key position L - S + i) sees key j when j <= L - S + i, j > L - S + i - window (with a sliding
+    window), and key j is not padding; a query always sees itself, so padding rows stay finite. Returns None when
+    `scaled_dot_product_attention` needs no mask: no padding, no key outside a window, and either the keys are the
+    chunk itself (is_causal=True) or a single new token (sees every key).
 
     Args:
         num_new: S.
         num_keys: L (S, or start_pos + S when reading a cache).
         key_mask_BL: [B, L] bool, True for real tokens; None = no padding.
+        window: sliding-window span W (a query sees itself and the W-1 keys before it); None = full causal.
     Returns:
         [S, L] or [B, 1, S, L] bool, or None.
     """
-    if key_mask_BL is None and (num_keys == num_new or num_new == 1):
+    windowed = window is not None and num_keys > window  # shorter: no query reaches past its window
+    if key_mask_BL is None and not windowed and (num_keys == num_new or num_new == 1):
         return None
     query_pos_S1 = torch.arange(num_keys - num_new, num_keys, device=device)[:, None]
     key_pos_1L = torch.arange(num_keys, device=device)[None, :]
     causal_SL = key_pos_1L <= query_pos_S1
+    if windowed:
+        causal_SL = causal_SL & (key_pos_1L > query_pos_S1 - window)
     if key_mask_BL is None:
         return causal_SL
     return (causal_SL & (key_mask_BL[:, None, :] | (key_pos_1L == query_pos_S1)))[:, None]
@@ -200,13 +209,34 @@ class Attention(nn.Module):
         n_heads: H.
         n_kv_heads: G.
         head_dim: X.
+        qkv_bias: biases on the q/k/v projection (Qwen2-MoE, GPT-OSS).
+        o_bias: a bias on the output projection (GPT-OSS).
+        qk_norm: RMSNorm of queries and keys before RoPE: "head" over each head's X dims (Qwen3), "proj" over the
+            whole q [H*X] and k [G*X] projections (OLMoE); None = off.
+        norm_eps: epsilon of those norms.
+        clip_qkv: clamp q, k and v to [-clip_qkv, clip_qkv] after the norms (OLMoE); None = off.
+        sinks: a learned logit per head that joins the softmax denominator (GPT-OSS): out = softmax([s, sink]) v
+            without the sink's column, so a head may give little weight to every key.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
+        o_bias: bool = False, qk_norm: str | None = None, norm_eps: float = 1e-5, clip_qkv: float | None = None,
+        sinks: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=False)  # rows: q, k, v
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)  # rows: q, k, v
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
+        self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
+        self.q_norm = self.k_norm = None
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, norm_eps), RMSNorm(head_dim, norm_eps)
+        elif qk_norm == "proj":
+            self.q_norm, self.k_norm = RMSNorm(n_heads * head_dim, norm_eps), RMSNorm(n_kv_heads * head_dim, norm_eps)
+        elif qk_norm is not None:
+            raise ValueError(f"unknown qk_norm {qk_norm!r}: expected 'head', 'proj' or None")
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None  # [H]
 
     def forward(
         self,
@@ -230,8 +260,11 @@ class Attention(nn.Module):
         """
         B, S, _ = x_BSD.shape
         H, G, X = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv_BSY = self.qkv_proj(x_BSD)  # Y = (H + 2G) X
+        if self.q_norm is not None or self.clip_qkv is not None:
+            qkv_BSY = self._norm_and_clip(qkv_BSY)
         # split (not slicing): its backward is one concatenation of the gradients, not a zero-filled copy per slice
-        qk_BSNX, v_BSGX = self.qkv_proj(x_BSD).view(B, S, H + 2 * G, X).split([H + G, G], dim=2)
+        qk_BSNX, v_BSGX = qkv_BSY.view(B, S, H + 2 * G, X).split([H + G, G], dim=2)
         q_BSHX, k_BSGX = apply_rope(qk_BSNX, cos_SX, sin_SX).split([H, G], dim=2)  # q and k rotated in one pass
         q_BHSX, k_BGSX, v_BGSX = q_BSHX.transpose(1, 2), k_BSGX.transpose(1, 2), v_BSGX.transpose(1, 2)
         if kv_cache is not None:
@@ -240,8 +273,38 @@ class Attention(nn.Module):
             v_cache[:, :, start_pos : start_pos + S] = v_BGSX
             if start_pos > 0:  # attend over the cached prefix too
                 k_BGSX, v_BGSX = k_cache[:, :, : start_pos + S], v_cache[:, :, : start_pos + S]
+        if self.sinks is not None:
+            k_BGSX, v_BGSX, mask = self._with_sink(k_BGSX, v_BGSX, mask, S)
         is_causal = mask is None and k_BGSX.shape[2] == S and S > 1
         out_BHSX = F.scaled_dot_product_attention(
             q_BHSX, k_BGSX, v_BGSX, attn_mask=mask, is_causal=is_causal, enable_gqa=G != H
         )
         return self.o_proj(out_BHSX.transpose(1, 2).reshape(B, S, H * X))
+
+    def _norm_and_clip(self, qkv_BSY: Tensor) -> Tensor:
+        H, G, X = self.n_heads, self.n_kv_heads, self.head_dim
+        q_BSZ, k_BSZ, v_BSZ = qkv_BSY.split([H * X, G * X, G * X], dim=-1)
+        if self.qk_norm == "head":
+            q_BSZ = self.q_norm(q_BSZ.unflatten(-1, (H, X))).flatten(-2)
+            k_BSZ = self.k_norm(k_BSZ.unflatten(-1, (G, X))).flatten(-2)
+        elif self.qk_norm == "proj":
+            q_BSZ, k_BSZ = self.q_norm(q_BSZ), self.k_norm(k_BSZ)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q_BSZ, k_BSZ, v_BSZ = q_BSZ.clamp(-c, c), k_BSZ.clamp(-c, c), v_BSZ.clamp(-c, c)
+        return torch.cat((q_BSZ, k_BSZ, v_BSZ), dim=-1)
+
+    def _with_sink(self, k_BGLX: Tensor, v_BGLX: Tensor, mask: Tensor | None, S: int):
+        """Attention sinks through the SDPA kernel: one extra key of zeros whose additive mask entry is the head's
+        sink logit (its score is exactly the sink), with a zero value (it adds to the denominator only)."""
+        B, G, L, X = k_BGLX.shape
+        H = self.n_heads
+        if mask is None:  # causal over the chunk, or a single new token that sees every key: both are this
+            key_pos_1L = torch.arange(L, device=k_BGLX.device)[None, :]
+            mask = key_pos_1L <= torch.arange(L - S, L, device=k_BGLX.device)[:, None]  # [S, L]
+        zero_BG1X = k_BGLX.new_zeros(B, G, 1, X)
+        k_BGLX, v_BGLX = torch.cat((k_BGLX, zero_BG1X), dim=2), torch.cat((v_BGLX, zero_BG1X), dim=2)
+        bias_NHSL = torch.zeros(mask.shape, dtype=k_BGLX.dtype, device=k_BGLX.device).masked_fill_(~mask, float("-inf"))
+        bias_NHSL = bias_NHSL.view(-1, 1, S, L).expand(-1, H, S, L)  # N = B, or 1 for a mask shared by the batch
+        sink_NHS1 = self.sinks.to(k_BGLX.dtype).view(1, H, 1, 1).expand(bias_NHSL.shape[0], H, S, 1)
+        return k_BGLX, v_BGLX, torch.cat((bias_NHSL, sink_NHS1), dim=-1)

@@ -20,14 +20,22 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
-def activate(h_MX: Tensor, activation: str) -> Tensor:
-    """Apply an FFN activation; gated ones split `h` into (gate, up) halves along the last dim."""
+def activate(h_MX: Tensor, activation: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
+    """Apply an FFN activation; gated ones split `h` into (gate, up) halves along the last dim.
+
+    swiglu_alpha and swiglu_limit are the constants of "swiglu_oai" (GPT-OSS's clamped SwiGLU, see MoEConfig).
+    """
     if activation == "swiglu":
         gate, up = h_MX.chunk(2, dim=-1)
         return F.silu(gate) * up
     if activation == "geglu":
         gate, up = h_MX.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
+    if activation == "swiglu_oai":  # the order of operations of GPT-OSS's reference, for equal rounding
+        gate, up = h_MX.chunk(2, dim=-1)
+        gate = gate.clamp(max=swiglu_limit)
+        up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * swiglu_alpha))
     if activation == "relu":
         return F.relu(h_MX)
     if activation == "gelu":
@@ -187,19 +195,22 @@ class Experts(nn.Module):
         num_experts: E.
         d_model: D.
         d_ff: F, the hidden width of one expert (small for fine-grained experts).
-        activation: one of swiglu, geglu, relu, gelu, silu.
+        activation: one of swiglu, geglu, relu, gelu, silu, swiglu_oai.
         bias: add per-expert biases to both projections.
         impl: "auto", "grouped_mm" or "loop".
+        swiglu_alpha, swiglu_limit: the constants of swiglu_oai (ignored by the other activations).
     """
 
     def __init__(
-        self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", bias: bool = False, impl: str = "auto"
+        self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", bias: bool = False,
+        impl: str = "auto", swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         self.activation, self.impl = activation, impl
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         width_in = 2 * d_ff if activation in GATED_ACTIVATIONS else d_ff
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width_in))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
@@ -235,7 +246,7 @@ class Experts(nn.Module):
         if self.activation == "swiglu":
             h_MF = _ScaledSwiGLU.apply(h_MX, scale_M)
         else:
-            h_MF = activate(h_MX, self.activation)
+            h_MF = activate(h_MX, self.activation, self.swiglu_alpha, self.swiglu_limit)
             if scale_M is not None:
                 h_MF = h_MF * scale_M.unsqueeze(1)
         y_MD = grouped_mm(h_MF, w_out, counts_E, offsets_E, self.impl)
@@ -259,7 +270,7 @@ class Experts(nn.Module):
         if self.activation == "swiglu":
             a = _ScaledSwiGLU.apply(h, scale_N)
         else:
-            a = activate(h, self.activation)
+            a = activate(h, self.activation, self.swiglu_alpha, self.swiglu_limit)
             if scale_N is not None:
                 a = a * scale_N.unsqueeze(1)
         y = a @ w_out
@@ -278,19 +289,24 @@ class FFN(nn.Module):
     Args:
         d_model: D.
         d_ff: hidden width.
-        activation: one of swiglu, geglu, relu, gelu, silu.
+        activation: one of swiglu, geglu, relu, gelu, silu, swiglu_oai.
         bias: biases in both projections.
+        swiglu_alpha, swiglu_limit: the constants of swiglu_oai (ignored by the other activations).
     """
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", bias: bool = False) -> None:
+    def __init__(
+        self, d_model: int, d_ff: int, activation: str = "swiglu", bias: bool = False,
+        swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
         self.activation = activation
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         width_in = 2 * d_ff if activation in GATED_ACTIVATIONS else d_ff
         self.w_in = nn.Linear(d_model, width_in, bias=bias)
         self.w_out = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., D] -> [..., D]."""
-        return self.w_out(activate(self.w_in(x), self.activation))
+        return self.w_out(activate(self.w_in(x), self.activation, self.swiglu_alpha, self.swiglu_limit))

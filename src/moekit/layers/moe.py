@@ -67,15 +67,17 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.router = build_router(config)
+        oai = dict(swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit)
         self.experts = Experts(
-            config.num_experts, config.d_model, config.d_ff, config.activation, config.expert_bias, config.expert_impl
+            config.num_experts, config.d_model, config.d_ff, config.activation, config.expert_bias, config.expert_impl,
+            **oai,
         )
         self.shared_experts = None
         self.shared_gate = None
         if config.num_shared_experts:
             shared_width = config.num_shared_experts * (config.shared_d_ff or config.d_ff)
             # n shared experts summed == one FFN n times as wide (DeepSeekMoE §3.2), so they run as one.
-            self.shared_experts = FFN(config.d_model, shared_width, config.activation, config.expert_bias)
+            self.shared_experts = FFN(config.d_model, shared_width, config.activation, config.expert_bias, **oai)
             if config.shared_expert_gate:
                 self.shared_gate = nn.Linear(config.d_model, 1, bias=False)
         # Load accumulated over the micro-batches of one optimizer step, for the aux-loss-free bias update.

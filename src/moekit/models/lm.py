@@ -8,7 +8,8 @@ matches Llama/Mixtral (pre-norm, no biases, RoPE "rotate half"), so a Mixtral ch
 and restacking weights; `tests/models/test_lm.py` holds the logits to `transformers.MixtralForCausalLM`.
 
 Parameter names (for checkpoint conversion): `embed.weight`; `blocks.{i}.attn_norm.weight`,
-`blocks.{i}.attn.qkv_proj.weight` (rows: q heads, k heads, v heads), `blocks.{i}.attn.o_proj.weight`,
+`blocks.{i}.attn.qkv_proj.weight` (rows: q heads, k heads, v heads), `blocks.{i}.attn.o_proj.weight` (+ `.bias`
+of either, `attn.q_norm.weight`, `attn.k_norm.weight`, `attn.sinks` where the config asks for them),
 `blocks.{i}.ffn_norm.weight`, then either the MoE layer's `blocks.{i}.ffn.router.weight`,
 `blocks.{i}.ffn.experts.w_in` [E, D, 2F] (gate | up), `blocks.{i}.ffn.experts.w_out` [E, F, D] (+ shared experts)
 or the dense `blocks.{i}.ffn.w_in.weight` [2F, D] (gate rows, then up), `blocks.{i}.ffn.w_out.weight`; `norm.weight`,
@@ -60,7 +61,12 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = Attention(config.d_model, config.n_heads, config.kv_heads, config.head_size)
+        self.attn = Attention(
+            config.d_model, config.n_heads, config.kv_heads, config.head_size, qkv_bias=config.qkv_bias,
+            o_bias=config.o_bias, qk_norm=config.qk_norm, norm_eps=config.norm_eps, clip_qkv=config.clip_qkv,
+            sinks=config.attn_sinks,
+        )  # fmt: skip
+        self.window = config.window_of(layer_idx)  # sliding-window span, or None (the mask MoELM passes says so)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.ffn = MoE(config.moe) if self.is_moe else FFN(config.d_model, config.dense_d_ff, "swiglu")
@@ -145,6 +151,8 @@ class MoELM(nn.Module):
                     nn.init.normal_(module.group_weight, 0.0, std)
         for block in self.blocks:
             nn.init.normal_(block.attn.o_proj.weight, 0.0, out_std)
+            if block.attn.sinks is not None:
+                nn.init.zeros_(block.attn.sinks)
             dense = block.ffn if isinstance(block.ffn, FFN) else block.ffn.shared_experts
             if dense is not None:
                 nn.init.normal_(dense.w_out.weight, 0.0, out_std)
@@ -191,9 +199,13 @@ class MoELM(nn.Module):
         num_keys = start_pos + S if cache is not None and start_pos > 0 else S
         key_mask_BL = mask if cache is None else cache.write_mask(start_pos, mask, S)  # [B, num_keys] or None
         attn_mask = attention_mask(S, num_keys, key_mask_BL, input_ids.device)
+        window = self.config.sliding_window
+        if window is not None:  # the windowed layers' mask (the cache keeps every position; the mask limits reach)
+            window_mask = attention_mask(S, num_keys, key_mask_BL, input_ids.device, window)
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x_BSD = block(x_BSD, cos_SX, sin_SX, input_ids, mask, kv, start_pos, attn_mask)
+            layer_mask = attn_mask if block.window is None else window_mask
+            x_BSD = block(x_BSD, cos_SX, sin_SX, input_ids, mask, kv, start_pos, layer_mask)
         if cache is not None:
             cache.length = start_pos + S
         return self.norm(x_BSD)

@@ -1,0 +1,60 @@
+"""The released configs (moekit's presets hold their config.json) map onto moekit models whose parameter counts
+equal the independent count of `moekit.analysis` exactly; options moekit cannot express are refused by name."""
+
+import pytest
+import torch
+
+import moekit.hf as mhf
+from moekit.analysis.params import analyze
+from moekit.hf.checkpoint import HFCheckpointError
+from moekit.models.lm import MoELM
+from moekit.presets import PRESETS
+
+RELEASED = [name for name, p in PRESETS.items() if isinstance(p, dict) and p.get("model_type") in mhf.FAMILY_MODULES]
+
+
+def _unquantized(preset: dict) -> dict:
+    return {k: v for k, v in preset.items() if k != "quantization_config"}  # the count is the same either way
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_released_config_builds_a_model_with_the_analysed_parameter_counts(name):
+    hf = _unquantized(PRESETS[name])
+    config = mhf.config_from_hf(hf)
+    with torch.device("meta"):
+        model = MoELM(config)
+    report = analyze(hf)
+    assert (model.num_params(), model.active_params()) == (report.total_params, report.active_params)
+
+
+def test_every_new_family_has_a_released_config():
+    assert {PRESETS[n]["model_type"] for n in RELEASED} >= {"qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
+
+
+def test_released_layer_placement_and_windows():
+    gpt = mhf.config_from_hf(_unquantized(PRESETS["gpt-oss-20b"]))
+    assert [gpt.window_of(i) for i in range(4)] == [128, None, 128, None]
+    assert gpt.rope_scaling["rope_type"] == "yarn" and gpt.qkv_bias and gpt.o_bias and gpt.attn_sinks
+    qwen3 = mhf.config_from_hf(PRESETS["qwen3-30b-a3b"])
+    assert qwen3.qk_norm == "head" and qwen3.moe.norm_topk_prob and qwen3.dense_layers is None
+    assert qwen3.sliding_window is None
+    qwen2 = mhf.config_from_hf(PRESETS["qwen1.5-moe-a2.7b"])
+    assert qwen2.qkv_bias and not qwen2.o_bias and qwen2.moe.shared_expert_gate and not qwen2.moe.norm_topk_prob
+    olmoe = mhf.config_from_hf(PRESETS["olmoe-1b-7b"])
+    assert olmoe.qk_norm == "proj" and olmoe.clip_qkv is None and not olmoe.moe.norm_topk_prob
+
+
+@pytest.mark.parametrize(
+    "name, change, match",
+    [
+        ("gpt-oss-20b", {}, "quantized.*mxfp4"),
+        ("qwen1.5-moe-a2.7b", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ("qwen1.5-moe-a2.7b", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size=0"),
+        ("qwen1.5-moe-a2.7b", {"mlp_only_layers": [30]}, "mlp_only_layers"),
+        ("qwen3-30b-a3b", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
+        ("olmoe-1b-7b", {"head_dim": 64}, "head_dim=64"),
+    ],
+)
+def test_options_moekit_cannot_express_are_refused_by_name(name, change, match):
+    with pytest.raises(HFCheckpointError, match=match):
+        mhf.config_from_hf({**PRESETS[name], **change})
