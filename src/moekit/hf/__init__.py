@@ -30,7 +30,11 @@ from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError, read_confi
 from moekit.hf.common import checkpoint_dtype
 from moekit.models.lm import MoELM
 
-FAMILY_MODULES = {"mixtral": "moekit.hf.mixtral"}  # model_type -> module
+FAMILY_MODULES = {  # model_type -> module
+    "mixtral": "moekit.hf.mixtral",
+    "deepseek_v2": "moekit.hf.deepseek_v2",
+    "deepseek_v3": "moekit.hf.deepseek_v3",
+}
 
 
 def supported_model_types() -> list[str]:
