@@ -181,6 +181,47 @@ def _check_rope_scaling(scaling: Any) -> None:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, §2.1): keys and values are rebuilt per head
+    from one small shared latent (what the KV cache keeps), and RoPE goes on a few extra decoupled dimensions.
+
+    The query (and key) of a head is qk_nope_head_dim dims without position plus qk_rope_head_dim rotated ones; the
+    rotated key dims are shared by all heads.
+    """
+
+    q_lora_rank: int | None = None  # low-rank query (V2: 1536, V3: 1536); None = one full-rank q_proj (V2-Lite)
+    kv_lora_rank: int = 512  # width of the compressed key/value latent c_KV: what the cache stores per token (d_c)
+    qk_nope_head_dim: int = 128  # per-head query/key dims without position (d_h)
+    qk_rope_head_dim: int = 64  # decoupled rotary dims per head (d_h^R); the rotated key part is shared by all heads
+    v_head_dim: int = 128  # per-head value width; need not equal the query/key width
+    latent_norm_eps: float = 1e-6  # eps of the RMSNorms on the latents (transformers fixes 1e-6, not rms_norm_eps)
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _positive_int(name, getattr(self, name))
+        if self.q_lora_rank is not None:
+            _positive_int("q_lora_rank", self.q_lora_rank)
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        eps = self.latent_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"latent_norm_eps must be a finite number > 0, got {eps!r}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one head's query and key: the unrotated plus the rotated dims."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MLAConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MLAConfig field(s) {unknown}: expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
 class ModelConfig:
     """A decoder-only language model: attention blocks whose feed-forward is an MoE layer or a dense SwiGLU FFN.
 
@@ -202,6 +243,8 @@ class ModelConfig:
     rope_scaling: dict | None = None  # long-context RoPE: HF-style dict, rope_type default/linear/yarn/llama3 (see
     #   moekit.layers.attention.rope_frequencies); None = plain RoPE
     norm_eps: float = 1e-5  # RMSNorm epsilon (Zhang & Sennrich 2019), as Llama/Mixtral
+    mla: MLAConfig | None = None  # multi-head latent attention (DeepSeek-V2/V3) instead of GQA; n_kv_heads and
+    #   head_dim are then unused, and RoPE rotates only mla.qk_rope_head_dim dims
 
     # --- attention variants (defaults: Llama/Mixtral attention, which none of these change) ---
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2-MoE, GPT-OSS, OLMoE/Qwen3 attention_bias)
@@ -230,16 +273,20 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig.from_dict(self.mla)
+        if self.mla is not None and not isinstance(self.mla, MLAConfig):
+            raise ValueError(f"mla must be an MLAConfig, a dict of its fields, or None; got {type(self.mla).__name__}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_d_ff", "moe_every"):
             _positive_int(name, getattr(self, name))
         for name in ("n_kv_heads", "head_dim"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        if self.head_dim is None and self.d_model % self.n_heads:
+        if self.mla is None and self.head_dim is None and self.d_model % self.n_heads:  # (GQA's head shape)
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: set head_dim explicitly"
             )
-        if self.head_size % 2:
+        if self.mla is None and self.head_size % 2:
             raise ValueError(f"head_dim={self.head_size} must be even (RoPE rotates pairs of dimensions)")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads} (GQA groups)")
@@ -304,6 +351,11 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     @property
+    def rope_dim(self) -> int:
+        """Width of the RoPE tables: the head width, or MLA's decoupled rotary dims."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_size
+
+    @property
     def kv_heads(self) -> int:
         """Number of key/value heads: n_kv_heads, or n_heads when n_kv_heads is None."""
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
@@ -328,12 +380,12 @@ class ModelConfig:
         return self.sliding_window
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable fields; `moe` becomes a nested dict (or None)."""
+        """Plain, JSON-serialisable fields; `moe` and `mla` become nested dicts (or None)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        """Inverse of `to_dict`. Raises ValueError on unknown keys (here or in the nested `moe` dict)."""
+        """Inverse of `to_dict`. Raises ValueError on unknown keys (here or in the nested `moe`/`mla` dicts)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -341,4 +393,6 @@ class ModelConfig:
         data = dict(data)
         if isinstance(data.get("moe"), dict):
             data["moe"] = MoEConfig.from_dict(data["moe"])
+        if isinstance(data.get("mla"), dict):
+            data["mla"] = MLAConfig.from_dict(data["mla"])
         return cls(**data)

@@ -47,7 +47,7 @@ def test_released_layer_placement_and_windows():
 @pytest.mark.parametrize(
     "name, change, match",
     [
-        ("gpt-oss-20b", {}, "quantized.*mxfp4"),
+        ("gpt-oss-20b", {"quantization_config": {"quant_method": "gptq"}}, "quantized.*'gptq'"),
         ("qwen1.5-moe-a2.7b", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ("qwen1.5-moe-a2.7b", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size=0"),
         ("qwen1.5-moe-a2.7b", {"mlp_only_layers": [30]}, "mlp_only_layers"),

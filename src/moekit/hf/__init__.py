@@ -36,6 +36,8 @@ FAMILY_MODULES = {  # model_type -> module
     "qwen3_moe": "moekit.hf.qwen3_moe",
     "olmoe": "moekit.hf.olmoe",
     "gpt_oss": "moekit.hf.gpt_oss",
+    "deepseek_v2": "moekit.hf.deepseek_v2",
+    "deepseek_v3": "moekit.hf.deepseek_v3",
 }
 
 

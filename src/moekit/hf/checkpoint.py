@@ -187,6 +187,12 @@ class CheckpointReader:
             out[i].copy_(piece)
         return out
 
+    def skip(self, names: Iterable[str]) -> None:
+        """Mark `names` consumed without reading them: tensors a family drops on purpose (and documents why)."""
+        for name in names:
+            self._handle(name)  # an unknown name is an error, as for take
+            self._consumed.add(name)
+
     def unconsumed(self) -> list[str]:
         """The names nothing has taken yet (after a load: tensors the model has no place for)."""
         return sorted(set(self._file_of) - self._consumed)

@@ -136,16 +136,20 @@ def _attention_extra(attn, name: str) -> Tensor | None:
 
 
 def reject_unsupported(c: HFConfig, *, silu: bool = True) -> None:
-    """Raise HFCheckpointError for options every family here would otherwise silently ignore: a quantized
-    checkpoint, and (where the family's MLPs read it) an activation other than SiLU."""
+    """Raise HFCheckpointError for options every family here would otherwise silently ignore: a quantization
+    method the reader does not dequantize (it handles fp8 and mxfp4), and (where the family's MLPs read it) an
+    activation other than SiLU."""
+    from moekit.hf.checkpoint import QUANT_METHODS
+
     quant = c.get("quantization_config")
     if quant:
         method = quant.get("quant_method") if isinstance(quant, dict) else quant
-        raise HFCheckpointError(
-            f"{c.model_type} checkpoint is quantized (quantization_config.quant_method={method!r}): moekit loads "
-            "unquantized weights only; dequantize it first (e.g. transformers' from_pretrained with a dequantize "
-            "option, then save_pretrained)"
-        )
+        if method not in QUANT_METHODS:
+            raise HFCheckpointError(
+                f"{c.model_type} checkpoint is quantized (quantization_config.quant_method={method!r}): moekit "
+                f"dequantizes {', '.join(QUANT_METHODS)} on load, nothing else; dequantize it first (e.g. "
+                "transformers' from_pretrained with a dequantize option, then save_pretrained)"
+            )
     act = c.get("hidden_act", default="silu")
     if silu and act not in ("silu", "swish"):
         raise HFCheckpointError(f"{c.model_type} with hidden_act={act!r} is not supported: moekit's SwiGLU uses SiLU")

@@ -7,7 +7,7 @@ RoPE with YaRN scaling. MoE on every layer: a router with a bias takes the top-k
 `swiglu_alpha`, `swiglu_limit`). transformers stores the experts fused: `gate_up_proj` [E, D, 2F] with gate and up
 *interleaved* along the last dim (gate = [..., ::2], up = [..., 1::2]), `gate_up_proj_bias` [E, 2F] likewise,
 `down_proj` [E, F, D], `down_proj_bias` [E, D]; moekit keeps gate | up halves, so the (de)interleave happens here.
-The released checkpoints store the experts in MXFP4 (`quantization_config`): those are refused, dequantize first.
+The released checkpoints store the experts in MXFP4 (`quantization_config`): the reader dequantizes them on load.
 """
 
 from __future__ import annotations

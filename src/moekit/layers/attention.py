@@ -136,16 +136,19 @@ class KVCache:
     overwrites (e.g. to rewind).
 
     Attributes:
-        k, v: per layer, [B, G, max_len, X].
+        k, v: per layer, [B, G, max_len, X] (v: [B, G, max_len, v_head_dim] when that is given). Multi-head latent
+            attention (layers/mla.py) keeps its compressed latent in k and its shared rotated key in v (G = 1).
         key_mask: [B, max_len] bool, True for real tokens; None until a forward passes a padding mask.
         length: the end position of the last write (informational).
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 v_head_dim: int | None = None) -> None:
         shape = (batch_size, n_kv_heads, max_len, head_dim)
+        v_shape = shape if v_head_dim is None else (batch_size, n_kv_heads, max_len, v_head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.key_mask: Tensor | None = None
         self.length = 0
 

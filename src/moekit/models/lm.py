@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from moekit.config import ModelConfig
 from moekit.layers.attention import Attention, KVCache, RMSNorm, attention_mask, rope_tables
 from moekit.layers.experts import FFN, Experts
+from moekit.layers.mla import MultiHeadLatentAttention
 from moekit.layers.moe import MoE, MoEStats, collect_stats
 from moekit.layers.routing import Router
 
@@ -61,11 +62,14 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = Attention(
-            config.d_model, config.n_heads, config.kv_heads, config.head_size, qkv_bias=config.qkv_bias,
-            o_bias=config.o_bias, qk_norm=config.qk_norm, norm_eps=config.norm_eps, clip_qkv=config.clip_qkv,
-            sinks=config.attn_sinks,
-        )  # fmt: skip
+        if config.mla is not None:  # DeepSeek-V2/V3's multi-head latent attention
+            self.attn = MultiHeadLatentAttention(config.d_model, config.n_heads, config.mla, config.rope_scaling)
+        else:
+            self.attn = Attention(
+                config.d_model, config.n_heads, config.kv_heads, config.head_size, qkv_bias=config.qkv_bias,
+                o_bias=config.o_bias, qk_norm=config.qk_norm, norm_eps=config.norm_eps, clip_qkv=config.clip_qkv,
+                sinks=config.attn_sinks,
+            )  # fmt: skip
         self.window = config.window_of(layer_idx)  # sliding-window span, or None (the mask MoELM passes says so)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
@@ -105,8 +109,8 @@ class MoELM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(config.max_seq_len, config.head_size, config.rope_theta, config.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, X]
+        cos, sin = rope_tables(config.max_seq_len, config.rope_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, X] (MLA: its rotary dims)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
@@ -116,7 +120,7 @@ class MoELM(nn.Module):
         embedding's), e.g. after building the model on the meta device and loading its weights with assign=True."""
         device = self.embed.weight.device if device is None else device
         cfg = self.config
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
         for module in self.modules():
             if isinstance(module, MoE):
@@ -151,7 +155,7 @@ class MoELM(nn.Module):
                     nn.init.normal_(module.group_weight, 0.0, std)
         for block in self.blocks:
             nn.init.normal_(block.attn.o_proj.weight, 0.0, out_std)
-            if block.attn.sinks is not None:
+            if getattr(block.attn, "sinks", None) is not None:
                 nn.init.zeros_(block.attn.sinks)
             dense = block.ffn if isinstance(block.ffn, FFN) else block.ffn.shared_experts
             if dense is not None:
@@ -267,14 +271,18 @@ class MoELM(nn.Module):
         2 * (active matrix parameters) + 2 * n_layers * seq_len * n_heads * head_dim * 2: a multiply-add per
         weight (the embedding lookup is free, the output head is not; norms and biases are ignored), plus QK^T and
         AV over seq_len keys, without halving for the causal mask (Kaplan et al. 2020, Table 1; PaLM, Chowdhery et
-        al. 2022, Appendix B; training is about 3x this).
+        al. 2022, Appendix B; training is about 3x this). With MLA, head_dim * 2 becomes qk_head_dim + v_head_dim,
+        and the key/value decompression counts once per token (its weights are among the matrices), as in prefill.
         """
         cfg = self.config
         matrices = sum(p.numel() for p in self.parameters() if p.dim() >= 2)
         if not cfg.tie_embeddings:
             matrices -= self.embed.weight.numel()
         matrices -= sum(n * (1 - frac) for n, frac in self._routed_params())
-        attention = 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_size * 2
+        if cfg.mla is not None:  # MLA: scores over N + R dims, values V wide (decompression is in `matrices`)
+            attention = 2 * cfg.n_layers * seq_len * cfg.n_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim)
+        else:
+            attention = 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_size * 2
         return 2 * matrices + attention
 
     def moe_stats(self) -> list[MoEStats]:
@@ -298,6 +306,9 @@ class MoELM(nn.Module):
         weight = self.embed.weight
         device = weight.device if device is None else device
         dtype = weight.dtype if dtype is None else dtype
+        if cfg.mla is not None:  # the latent and the shared rotated key, one "head" each (see layers/mla.py)
+            return KVCache(cfg.n_layers, batch_size, 1, max_len, cfg.mla.kv_lora_rank, device=device, dtype=dtype,
+                           v_head_dim=cfg.mla.qk_rope_head_dim)
         return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.head_size, device=device, dtype=dtype)
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
