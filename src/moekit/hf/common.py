@@ -168,6 +168,16 @@ def model_config(c: HFConfig, moe: MoEConfig, max_positions: int, **fields: Any)
         raise HFCheckpointError(f"{c.model_type} config cannot be expressed in moekit: {err}") from None
 
 
+def check_layer_types(c: HFConfig, types: Any, n: int) -> None:
+    """`layer_types` must name each of the n layers "sliding_attention" or "full_attention"."""
+    if not isinstance(types, list) or len(types) != n:
+        got = len(types) if isinstance(types, list) else repr(types)
+        raise HFCheckpointError(f"{c.model_type} config has {got} layer_types for {n} layers")
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise HFCheckpointError(f"{c.model_type} layer_types {unknown} are not supported (sliding/full attention only)")
+
+
 def check_fields(obj: Any, label: str, family: str, wanted: dict[str, Any]) -> None:
     """ValueError naming the first field of `obj` (a config) that differs from what `family`'s format can hold."""
     for name, value in wanted.items():

@@ -22,7 +22,7 @@ from moekit.analysis.arch import HFConfig
 from moekit.config import MoEConfig, ModelConfig
 from moekit.hf.checkpoint import CheckpointReader
 from moekit.hf.common import (
-    Weight, check_fields, export_skeleton, import_skeleton, model_config, reject_unsupported, rope_from_hf,
+    Weight, check_fields, check_layer_types, export_skeleton, import_skeleton, model_config, reject_unsupported, rope_from_hf,
     skeleton_config,
 )  # fmt: skip
 from moekit.models.lm import MoELM
@@ -46,6 +46,7 @@ def config_from_hf(c: HFConfig) -> ModelConfig:
         theta = DEFAULT_THETA
     n, window = c.req("num_hidden_layers"), c.get("sliding_window")
     types = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    check_layer_types(c, types, n)
     windowed = [i for i, t in enumerate(types) if t == "sliding_attention"] if window else []
     moe = MoEConfig(
         d_model=c.req("hidden_size"), d_ff=c.req("intermediate_size"),

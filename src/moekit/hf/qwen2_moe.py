@@ -22,7 +22,7 @@ from moekit.analysis.arch import HFConfig
 from moekit.config import MoEConfig, ModelConfig
 from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError
 from moekit.hf.common import (
-    Weight, check_fields, export_dense_mlp, export_experts, export_skeleton, import_dense_mlp, import_experts,
+    Weight, check_fields, check_layer_types, export_dense_mlp, export_experts, export_skeleton, import_dense_mlp, import_experts,
     import_skeleton, model_config, reject_unsupported, skeleton_config,
 )  # fmt: skip
 from moekit.models.lm import MoELM
@@ -51,6 +51,8 @@ def windows(c: HFConfig, rule) -> dict[str, Any]:
     if not c.flag("use_sliding_window") or window is None:
         return {}
     n, types = c.req("num_hidden_layers"), c.get("layer_types")
+    if types is not None:
+        check_layer_types(c, types, n)
     layers = [i for i in range(n) if (types[i] == "sliding_attention" if types is not None else rule(i))]
     if not layers:
         return {}
