@@ -68,7 +68,8 @@ PLACEMENT_VARIANTS = [
     ("qwen3-30b-a3b", {"num_hidden_layers": 5, "mlp_only_layers": [4], "decoder_sparse_step": 1,
                        "use_sliding_window": True, "sliding_window": 64}),
     ("gpt-oss-120b", {"num_hidden_layers": 5, "layer_types": None}),  # transformers' rule: sliding, full, ...
-    ("gpt-oss-120b", {"num_hidden_layers": 3, "layer_types": ["full_attention", "sliding_attention", "full_attention"]}),
+    ("gpt-oss-120b", {"num_hidden_layers": 3,
+                      "layer_types": ["full_attention", "sliding_attention", "full_attention"]}),
     ("mixtral-8x7b", {"num_hidden_layers": 2, "sliding_window": 64}),
 ]  # fmt: skip
 
