@@ -131,8 +131,8 @@ _ATTENTION_EXTRAS = ("q_norm.weight", "k_norm.weight", "sinks")
 
 def _attention_extra(attn, name: str) -> Tensor | None:
     module, _, attr = name.rpartition(".")
-    owner = getattr(attn, module) if module else attn
-    return None if owner is None else getattr(owner, attr)
+    owner = getattr(attn, module, None) if module else attn  # attention classes without the extra have no attribute
+    return None if owner is None else getattr(owner, attr, None)
 
 
 def reject_unsupported(c: HFConfig, *, silu: bool = True) -> None:
