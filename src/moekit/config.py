@@ -227,7 +227,7 @@ class ModelConfig:
 
     Which layers are MoE: none when `moe` is None; otherwise every layer not in `dense_layers` when that list is
     given, else layer i is MoE when i >= first_k_dense and (i - first_k_dense) % moe_every == 0 (see
-    `is_moe_layer`). Which layers attend within a sliding window: `window_of`. Fields left None are derived (`head_size`,
+    `is_moe_layer`); which attend within a sliding window: `window_of`. Fields left None are derived (`head_size`,
     `kv_heads`) so that `dataclasses.replace` of a size keeps them consistent.
     """
 

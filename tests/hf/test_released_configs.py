@@ -53,8 +53,34 @@ def test_released_layer_placement_and_windows():
         ("qwen1.5-moe-a2.7b", {"mlp_only_layers": [30]}, "mlp_only_layers"),
         ("qwen3-30b-a3b", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
         ("olmoe-1b-7b", {"head_dim": 64}, "head_dim=64"),
+        ("gpt-oss-120b", {"num_hidden_layers": 5, "quantization_config": None}, "36 layer_types for 5 layers"),
     ],
 )
 def test_options_moekit_cannot_express_are_refused_by_name(name, change, match):
     with pytest.raises(HFCheckpointError, match=match):
         mhf.config_from_hf({**PRESETS[name], **change})
+
+
+PLACEMENT_VARIANTS = [
+    ("qwen1.5-moe-a2.7b", {"num_hidden_layers": 6, "mlp_only_layers": [0, 3], "decoder_sparse_step": 2}),
+    ("qwen1.5-moe-a2.7b", {"num_hidden_layers": 6, "use_sliding_window": True, "sliding_window": 64,
+                           "max_window_layers": 4}),
+    ("qwen3-30b-a3b", {"num_hidden_layers": 5, "mlp_only_layers": [4], "decoder_sparse_step": 1,
+                       "use_sliding_window": True, "sliding_window": 64}),
+    ("gpt-oss-120b", {"num_hidden_layers": 5, "layer_types": None}),  # transformers' rule: sliding, full, ...
+    ("gpt-oss-120b", {"num_hidden_layers": 3,
+                      "layer_types": ["full_attention", "sliding_attention", "full_attention"]}),
+    ("mixtral-8x7b", {"num_hidden_layers": 2, "sliding_window": 64}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, change", PLACEMENT_VARIANTS, ids=str)
+def test_layer_placement_and_windows_agree_with_moekit_analysis(name, change):
+    """Two independent readings of the same config.json (moekit.hf for models, moekit.analysis for counting) put
+    MoE layers and sliding windows in the same places."""
+    from moekit.analysis.arch import arch_from_config
+
+    hf = {**_unquantized(PRESETS[name]), **change}
+    config, spec = mhf.config_from_hf(hf), arch_from_config(hf)
+    assert [config.is_moe_layer(i) for i in range(config.n_layers)] == [s.moe is not None for s in spec.layers]
+    assert [config.window_of(i) for i in range(config.n_layers)] == [s.window for s in spec.layers]

@@ -380,7 +380,7 @@ def test_model_config_from_dict_rejects_unknown_keys_here_and_in_moe():
         (dict(clip_qkv=0.0), "clip_qkv must be None or a finite number > 0, got 0.0"),
         (dict(sliding_window=0), "sliding_window must be a positive integer, got 0"),
         (dict(window_layers=[0]), "window_layers is set but sliding_window is None"),
-        (dict(sliding_window=4, window_layers=[4]), r"window_layers must be a list of layer indices in \[0, n_layers=4\)"),
+        (dict(sliding_window=4, window_layers=[4]), r"window_layers must be a list of layer indices in \[0, n_layers"),
         (dict(dense_layers=[1, 1]), "dense_layers lists a layer twice"),
         (dict(dense_layers=[0, 1, 2, 3]), "no layer is MoE"),
         (dict(dense_layers=[0], first_k_dense=1), "leave first_k_dense=0 and moe_every=1"),

@@ -131,8 +131,8 @@ _ATTENTION_EXTRAS = ("q_norm.weight", "k_norm.weight", "sinks")
 
 def _attention_extra(attn, name: str) -> Tensor | None:
     module, _, attr = name.rpartition(".")
-    owner = getattr(attn, module) if module else attn
-    return None if owner is None else getattr(owner, attr)
+    owner = getattr(attn, module, None) if module else attn  # attention classes without the extra have no attribute
+    return None if owner is None else getattr(owner, attr, None)
 
 
 def reject_unsupported(c: HFConfig, *, silu: bool = True) -> None:
@@ -172,11 +172,22 @@ def model_config(c: HFConfig, moe: MoEConfig, max_positions: int, **fields: Any)
         raise HFCheckpointError(f"{c.model_type} config cannot be expressed in moekit: {err}") from None
 
 
+def check_layer_types(c: HFConfig, types: Any, n: int) -> None:
+    """`layer_types` must name each of the n layers "sliding_attention" or "full_attention"."""
+    if not isinstance(types, list) or len(types) != n:
+        got = len(types) if isinstance(types, list) else repr(types)
+        raise HFCheckpointError(f"{c.model_type} config has {got} layer_types for {n} layers")
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise HFCheckpointError(f"{c.model_type} layer_types {unknown} are not supported (sliding/full attention only)")
+
+
 def check_fields(obj: Any, label: str, family: str, wanted: dict[str, Any]) -> None:
     """ValueError naming the first field of `obj` (a config) that differs from what `family`'s format can hold."""
     for name, value in wanted.items():
         if getattr(obj, name) != value:
-            raise ValueError(f"a {family} checkpoint needs {label}{name}={value!r}, this model has {getattr(obj, name)!r}")
+            got = getattr(obj, name)
+            raise ValueError(f"a {family} checkpoint needs {label}{name}={value!r}, this model has {got!r}")
 
 
 def import_dense_mlp(ckpt: CheckpointReader, dtype: torch.dtype, name: str, source: str) -> Iterator[Weight]:
@@ -189,7 +200,9 @@ def import_dense_mlp(ckpt: CheckpointReader, dtype: torch.dtype, name: str, sour
 def export_dense_mlp(ffn, prefix: str) -> dict[str, Tensor]:
     """The inverse of `import_dense_mlp`."""
     gate, up = ffn.w_in.weight.chunk(2)
-    return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up, prefix + "down_proj.weight": ffn.w_out.weight}
+    return {
+        prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up, prefix + "down_proj.weight": ffn.w_out.weight
+    }
 
 
 def import_experts(
@@ -199,11 +212,12 @@ def import_experts(
     `{source}{j}.gate_proj/up_proj/down_proj.weight` as released, or transformers 5's fused in-memory
     `{source}gate_up_proj` [E, 2F, D] and `{source}down_proj` [E, D, F]. moekit: w_in [E, D, 2F], w_out [E, F, D]."""
     if source + "gate_up_proj" in ckpt:
-        yield name + "w_in", ckpt.take(source + "gate_up_proj", dtype).transpose(1, 2).contiguous(), source + "gate_up_proj"
-        yield name + "w_out", ckpt.take(source + "down_proj", dtype).transpose(1, 2).contiguous(), source + "down_proj"
+        for moekit_name, fused in (("w_in", "gate_up_proj"), ("w_out", "down_proj")):
+            yield name + moekit_name, ckpt.take(source + fused, dtype).transpose(1, 2).contiguous(), source + fused
         return
     pairs = [(f"{source}{j}.gate_proj.weight", f"{source}{j}.up_proj.weight") for j in range(num_experts)]
-    yield name + "w_in", ckpt.take_stacked(pairs, dtype, lambda g, u: torch.cat((g, u)).T), f"{source}*.gate/up_proj.weight"
+    w_in = ckpt.take_stacked(pairs, dtype, lambda gate, up: torch.cat((gate, up)).T)
+    yield name + "w_in", w_in, f"{source}*.gate_proj/up_proj.weight"
     downs = [f"{source}{j}.down_proj.weight" for j in range(num_experts)]
     yield name + "w_out", ckpt.take_stacked(downs, dtype, lambda d: d.T), f"{source}*.down_proj.weight"
 

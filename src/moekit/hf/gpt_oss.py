@@ -22,8 +22,8 @@ from moekit.analysis.arch import HFConfig
 from moekit.config import MoEConfig, ModelConfig
 from moekit.hf.checkpoint import CheckpointReader
 from moekit.hf.common import (
-    Weight, check_fields, export_skeleton, import_skeleton, model_config, reject_unsupported, rope_from_hf,
-    skeleton_config,
+    Weight, check_fields, check_layer_types, export_skeleton, import_skeleton, model_config, reject_unsupported,
+    rope_from_hf, skeleton_config,
 )  # fmt: skip
 from moekit.models.lm import MoELM
 
@@ -46,12 +46,14 @@ def config_from_hf(c: HFConfig) -> ModelConfig:
         theta = DEFAULT_THETA
     n, window = c.req("num_hidden_layers"), c.get("sliding_window")
     types = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    check_layer_types(c, types, n)
     windowed = [i for i, t in enumerate(types) if t == "sliding_attention"] if window else []
     moe = MoEConfig(
         d_model=c.req("hidden_size"), d_ff=c.req("intermediate_size"),
         num_experts=c.req("num_local_experts", "num_experts"), top_k=c.req("num_experts_per_tok", "experts_per_token"),
         activation="swiglu_oai", expert_bias=True, router="topk", softmax_order="topk_softmax", router_bias=True,
-        swiglu_alpha=float(c.get("swiglu_alpha", default=1.702)), swiglu_limit=float(c.get("swiglu_limit", default=7.0)),
+        swiglu_alpha=float(c.get("swiglu_alpha", default=1.702)),
+        swiglu_limit=float(c.get("swiglu_limit", default=7.0)),
     )  # fmt: skip
     bias = c.flag("attention_bias")
     return model_config(

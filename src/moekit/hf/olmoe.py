@@ -34,8 +34,10 @@ def config_from_hf(c: HFConfig) -> ModelConfig:
     d_model, heads = c.req("hidden_size"), c.req("num_attention_heads")
     if c.get("head_dim") not in (None, d_model // heads):
         # transformers sizes q_norm by hidden_size and k_norm by (hidden_size // heads) * kv_heads
-        raise HFCheckpointError(f"olmoe with head_dim={c.get('head_dim')} != hidden_size // num_attention_heads "
-                                f"= {d_model // heads} is not supported (its q/k norms are sized by hidden_size)")  # fmt: skip
+        raise HFCheckpointError(
+            f"olmoe with head_dim={c.get('head_dim')} != hidden_size // num_attention_heads = {d_model // heads} "
+            "is not supported (its q/k norms are sized by hidden_size)"
+        )
     bias = c.flag("attention_bias")
     return model_config(
         c, moe_config(c, d_ff=c.req("intermediate_size")), 4096, qkv_bias=bias, o_bias=bias, qk_norm="proj",

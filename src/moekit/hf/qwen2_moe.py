@@ -22,8 +22,8 @@ from moekit.analysis.arch import HFConfig
 from moekit.config import MoEConfig, ModelConfig
 from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError
 from moekit.hf.common import (
-    Weight, check_fields, export_dense_mlp, export_experts, export_skeleton, import_dense_mlp, import_experts,
-    import_skeleton, model_config, reject_unsupported, skeleton_config,
+    Weight, check_fields, check_layer_types, export_dense_mlp, export_experts, export_skeleton, import_dense_mlp,
+    import_experts, import_skeleton, model_config, reject_unsupported, skeleton_config,
 )  # fmt: skip
 from moekit.models.lm import MoELM
 
@@ -51,6 +51,8 @@ def windows(c: HFConfig, rule) -> dict[str, Any]:
     if not c.flag("use_sliding_window") or window is None:
         return {}
     n, types = c.req("num_hidden_layers"), c.get("layer_types")
+    if types is not None:
+        check_layer_types(c, types, n)
     layers = [i for i in range(n) if (types[i] == "sliding_attention" if types is not None else rule(i))]
     if not layers:
         return {}
@@ -60,7 +62,8 @@ def windows(c: HFConfig, rule) -> dict[str, Any]:
 def moe_config(c: HFConfig, **fields: Any) -> MoEConfig:
     """The routed part shared by Qwen2-MoE, Qwen3-MoE and OLMoE: softmax over all, top-k, optional renorm."""
     return MoEConfig(
-        d_model=c.req("hidden_size"), num_experts=c.req("num_experts", "num_local_experts"), top_k=c.req("num_experts_per_tok"),
+        d_model=c.req("hidden_size"), num_experts=c.req("num_experts", "num_local_experts"),
+        top_k=c.req("num_experts_per_tok"),
         activation="swiglu", router="topk", softmax_order="softmax_topk",
         norm_topk_prob=bool(c.get("norm_topk_prob", default=False)), **fields,
     )  # fmt: skip
@@ -140,7 +143,8 @@ def hf_config(model: MoELM) -> dict[str, Any]:
     windowed = [cfg.window_of(i) is not None for i in range(cfg.n_layers)]
     return dict(
         skeleton_config(model), **layer_placement(model), model_type="qwen2_moe", architectures=[ARCHITECTURE],
-        intermediate_size=cfg.dense_d_ff, moe_intermediate_size=moe.d_ff, shared_expert_intermediate_size=moe.shared_d_ff or moe.d_ff,
+        intermediate_size=cfg.dense_d_ff, moe_intermediate_size=moe.d_ff,
+        shared_expert_intermediate_size=moe.shared_d_ff or moe.d_ff,
         num_experts=moe.num_experts, num_experts_per_tok=moe.top_k, norm_topk_prob=moe.norm_topk_prob,
         qkv_bias=cfg.qkv_bias, max_window_layers=cfg.n_layers,
         layer_types=["sliding_attention" if w else "full_attention" for w in windowed],
