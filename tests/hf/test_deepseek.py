@@ -5,16 +5,18 @@ import json
 
 import pytest
 import torch
+from hf_harness import assert_same_greedy, assert_same_logits, inputs, randomize, roundtrip
 from safetensors.torch import load_file, save_file
 
 import moekit.hf as mhf
 from moekit.hf.checkpoint import HFCheckpointError
 
-from hf_harness import assert_same_greedy, assert_same_logits, inputs, randomize, roundtrip
-
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
-    DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
 )
 
 V = 97
@@ -24,7 +26,8 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 
 def grouped(version, **extra):
     """Group-limited routing (4 groups of 2 experts, 2 kept), spelt as each version's config spells it."""
-    return dict(n_group=4, topk_group=2, **extra, **({"topk_method": "group_limited_greedy"} if version == "v2" else {}))
+    method = {"topk_method": "group_limited_greedy"} if version == "v2" else {}
+    return dict(n_group=4, topk_group=2, **extra, **method)
 
 
 def tiny(tmp_path, version, **overrides):
@@ -89,7 +92,7 @@ def test_routers_choose_and_weight_as_transformers(tmp_path, version):
     with torch.no_grad():
         _, want_w, want_i = hf.model.layers[1].mlp.gate(x)
         route = model.blocks[1].ffn.router(x)
-    dense = lambda w, i: torch.zeros(512, 8).scatter(1, i, w)  # noqa: E731  (order-free comparison)
+    dense = lambda w, i: torch.zeros(512, 8).scatter(1, i, w)  # order-free comparison
     assert torch.equal(dense(torch.ones_like(want_w), want_i), dense(torch.ones_like(route.weights), route.indices))
     assert torch.allclose(dense(want_w, want_i), dense(route.weights, route.indices), atol=1e-6)
 
