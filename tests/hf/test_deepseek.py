@@ -207,3 +207,17 @@ def test_cache_keeps_the_latent_and_analysis_stays_sensible(tmp_path):
     assert model.active_params() == model.num_params() - routed + routed * 2 // 8
     # MLA scores over N + R = 12 dims and reads V = 6-wide values in each of 4 heads, 3 layers
     assert model.flops_per_token(10) - model.flops_per_token(0) == 2 * 3 * 10 * 4 * (12 + 6)
+
+
+@pytest.mark.parametrize("name,total,active", [("deepseek-v2", 235.74e9, 20.85e9), ("deepseek-v3", 671.03e9, 36.63e9)])
+def test_released_configs_build_the_published_sizes(name, total, active):
+    """The released config.json files (presets) give 236B/21B and 671B/37B (active without the embedding, as the
+    papers count; V3's MTP layer not counted); built on the meta device, so nothing is allocated."""
+    from moekit.models.lm import MoELM
+    from moekit.presets import PRESETS
+
+    hf = {k: v for k, v in PRESETS[name].items() if k not in ("source", "quantization_config")}
+    with torch.device("meta"):
+        model = MoELM(mhf.config_from_hf(hf))
+    assert model.num_params() == pytest.approx(total, rel=1e-4)
+    assert model.active_params() - model.embed.weight.numel() == pytest.approx(active, rel=1e-3)
