@@ -5,16 +5,18 @@ import json
 
 import pytest
 import torch
+from hf_harness import assert_same_greedy, assert_same_logits, inputs, randomize, roundtrip
 from safetensors.torch import load_file, save_file
 
 import moekit.hf as mhf
 from moekit.hf.checkpoint import HFCheckpointError
 
-from hf_harness import assert_same_greedy, assert_same_logits, inputs, randomize, roundtrip
-
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
-    DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
 )
 
 V = 97
@@ -24,7 +26,8 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 
 def grouped(version, **extra):
     """Group-limited routing (4 groups of 2 experts, 2 kept), spelt as each version's config spells it."""
-    return dict(n_group=4, topk_group=2, **extra, **({"topk_method": "group_limited_greedy"} if version == "v2" else {}))
+    method = {"topk_method": "group_limited_greedy"} if version == "v2" else {}
+    return dict(n_group=4, topk_group=2, **extra, **method)
 
 
 def tiny(tmp_path, version, **overrides):
@@ -89,7 +92,7 @@ def test_routers_choose_and_weight_as_transformers(tmp_path, version):
     with torch.no_grad():
         _, want_w, want_i = hf.model.layers[1].mlp.gate(x)
         route = model.blocks[1].ffn.router(x)
-    dense = lambda w, i: torch.zeros(512, 8).scatter(1, i, w)  # noqa: E731  (order-free comparison)
+    dense = lambda w, i: torch.zeros(512, 8).scatter(1, i, w)  # order-free comparison
     assert torch.equal(dense(torch.ones_like(want_w), want_i), dense(torch.ones_like(route.weights), route.indices))
     assert torch.allclose(dense(want_w, want_i), dense(route.weights, route.indices), atol=1e-6)
 
@@ -204,3 +207,17 @@ def test_cache_keeps_the_latent_and_analysis_stays_sensible(tmp_path):
     assert model.active_params() == model.num_params() - routed + routed * 2 // 8
     # MLA scores over N + R = 12 dims and reads V = 6-wide values in each of 4 heads, 3 layers
     assert model.flops_per_token(10) - model.flops_per_token(0) == 2 * 3 * 10 * 4 * (12 + 6)
+
+
+@pytest.mark.parametrize("name,total,active", [("deepseek-v2", 235.74e9, 20.85e9), ("deepseek-v3", 671.03e9, 36.63e9)])
+def test_released_configs_build_the_published_sizes(name, total, active):
+    """The released config.json files (presets) give 236B/21B and 671B/37B (active without the embedding, as the
+    papers count; V3's MTP layer not counted); built on the meta device, so nothing is allocated."""
+    from moekit.models.lm import MoELM
+    from moekit.presets import PRESETS
+
+    hf = {k: v for k, v in PRESETS[name].items() if k not in ("source", "quantization_config")}
+    with torch.device("meta"):
+        model = MoELM(mhf.config_from_hf(hf))
+    assert model.num_params() == pytest.approx(total, rel=1e-4)
+    assert model.active_params() - model.embed.weight.numel() == pytest.approx(active, rel=1e-3)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from moekit.analysis.arch import HFConfig
-from moekit.config import MLAConfig, MoEConfig, ModelConfig
+from moekit.config import MLAConfig, ModelConfig, MoEConfig
 from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError, read_config
 from moekit.hf.common import Weight, dtype_name, reject_unsupported, rope_from_hf, rope_to_hf
 from moekit.models.lm import MoELM
@@ -62,7 +62,7 @@ def config_from_hf(c: HFConfig) -> ModelConfig:
     moe = MoEConfig(
         d_model=d_model, d_ff=width, num_experts=c.req("n_routed_experts", "num_local_experts", "num_experts"),
         top_k=top_k, activation="swiglu", router="deepseek", score_func="sigmoid" if v3 else "softmax",
-        n_group=n_group, topk_group=topk_group, norm_topk_prob=bool(c.get("norm_topk_prob", default=True)) if v3 else False,
+        n_group=n_group, topk_group=topk_group, norm_topk_prob=v3 and bool(c.get("norm_topk_prob", default=True)),
         routed_scaling_factor=float(c.get("routed_scaling_factor", default=2.5 if v3 else 1.0)), selection_bias=v3,
         num_shared_experts=c.req("n_shared_experts"), shared_d_ff=width,
     )  # fmt: skip
@@ -156,14 +156,15 @@ def import_weights(model: MoELM, ckpt: CheckpointReader, dtype: torch.dtype) -> 
         p, a, b = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"blocks.{i}."
         yield take(b + "attn_norm.weight", p + "input_layernorm.weight")
         yield take(b + "ffn_norm.weight", p + "post_attention_layernorm.weight")
-        q_rows = lambda w: _permute_q_rows(w, H, N, perm)  # noqa: E731
+        q_rows = lambda w: _permute_q_rows(w, H, N, perm)
         if mla.q_lora_rank is None:
             yield take(b + "attn.q_proj.weight", a + "q_proj.weight", q_rows)
         else:
             yield take(b + "attn.q_a_proj.weight", a + "q_a_proj.weight")
             yield take(b + "attn.q_a_norm.weight", a + "q_a_layernorm.weight")
             yield take(b + "attn.q_b_proj.weight", a + "q_b_proj.weight", q_rows)
-        yield take(b + "attn.kv_a_proj.weight", a + "kv_a_proj_with_mqa.weight", lambda w: _permute_kv_a_rows(w, C, perm))
+        kv_rows = lambda w: _permute_kv_a_rows(w, C, perm)
+        yield take(b + "attn.kv_a_proj.weight", a + "kv_a_proj_with_mqa.weight", kv_rows)
         yield take(b + "attn.kv_a_norm.weight", a + "kv_a_layernorm.weight")
         yield take(b + "attn.kv_b_proj.weight", a + "kv_b_proj.weight")
         yield take(b + "attn.o_proj.weight", a + "o_proj.weight")
@@ -254,7 +255,8 @@ def export_weights(model: MoELM, model_type: str) -> dict[str, Tensor]:
 
 def _export_ffn(ffn, prefix: str) -> dict[str, Tensor]:
     gate, up = ffn.w_in.weight.chunk(2)
-    return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up, prefix + "down_proj.weight": ffn.w_out.weight}
+    return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up,
+            prefix + "down_proj.weight": ffn.w_out.weight}
 
 
 def check_exportable(model: MoELM, model_type: str) -> None:
@@ -266,7 +268,7 @@ def check_exportable(model: MoELM, model_type: str) -> None:
     if cfg.moe is None:
         raise ValueError(f"{name} needs MoE layers (ModelConfig.moe), this model has none")
     if cfg.moe_every != 1:
-        raise ValueError(f"{name} has MoE on every layer after the dense ones; this model has moe_every={cfg.moe_every}")
+        raise ValueError(f"{name} has MoE on every layer after the dense ones, this model moe_every={cfg.moe_every}")
     moe = cfg.moe
     wanted = dict(activation="swiglu", router="deepseek", score_func="sigmoid" if v3 else "softmax", expert_bias=False,
                   router_bias=False, selection_bias=v3, shared_expert_gate=False, capacity_factor=None)  # fmt: skip
@@ -287,7 +289,8 @@ def hf_config(model: MoELM, model_type: str) -> dict[str, Any]:
         hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len, rope_parameters=rope_to_hf(model),
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, dtype=dtype_name(model.embed.weight.dtype),
-        hidden_act="silu", attention_bias=False, intermediate_size=cfg.dense_d_ff, first_k_dense_replace=cfg.first_k_dense,
+        hidden_act="silu", attention_bias=False, intermediate_size=cfg.dense_d_ff,
+        first_k_dense_replace=cfg.first_k_dense,
         moe_layer_freq=1, q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
         qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim,
         moe_intermediate_size=moe.d_ff, n_routed_experts=moe.num_experts, num_experts_per_tok=moe.top_k,

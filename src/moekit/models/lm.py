@@ -5,7 +5,9 @@ Legend: B batch, S sequence (the chunk being run), D model dim, V vocabulary, L 
 Reading order is data order: `Block` (RMSNorm -> causal GQA attention with RoPE -> residual -> RMSNorm -> MoE or
 dense SwiGLU FFN -> residual), then `MoELM` (embedding -> blocks -> RMSNorm -> output head, losses). The layout
 matches Llama/Mixtral (pre-norm, no biases, RoPE "rotate half"), so a Mixtral checkpoint maps onto it by renaming
-and restacking weights; `tests/models/test_lm.py` holds the logits to `transformers.MixtralForCausalLM`.
+and restacking weights; `tests/models/test_lm.py` holds the logits to `transformers.MixtralForCausalLM`. With
+`config.mla` set, the attention is DeepSeek's multi-head latent attention instead (layers/mla.py; parameters
+`blocks.{i}.attn.{q_proj | q_a_proj, q_a_norm, q_b_proj}`, `kv_a_proj`, `kv_a_norm`, `kv_b_proj`, `o_proj`).
 
 Parameter names (for checkpoint conversion): `embed.weight`; `blocks.{i}.attn_norm.weight`,
 `blocks.{i}.attn.qkv_proj.weight` (rows: q heads, k heads, v heads), `blocks.{i}.attn.o_proj.weight` (+ `.bias`

@@ -1,0 +1,69 @@
+"""Multi-head latent attention: its config, the latent KV cache (chunked = whole, with padding), training."""
+
+import math
+
+import pytest
+import torch
+
+from moekit.config import MLAConfig, ModelConfig, MoEConfig
+from moekit.layers.mla import mla_softmax_scale, yarn_mscale
+from moekit.models.lm import MoELM
+
+MLA = MLAConfig(q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+
+
+def tiny(**changes) -> MoELM:
+    moe = MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2, router="deepseek", score_func="sigmoid",
+                    n_group=2, topk_group=1, num_shared_experts=1)  # fmt: skip
+    torch.manual_seed(0)
+    return MoELM(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, mla=MLA, moe=moe,
+                             **changes))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [({"kv_lora_rank": 0}, "kv_lora_rank"), ({"qk_rope_head_dim": 3}, "even"), ({"q_lora_rank": -1}, "q_lora_rank"),
+     ({"latent_norm_eps": 0.0}, "latent_norm_eps")],
+)
+def test_mla_config_rejects_bad_values(change, message):
+    with pytest.raises(ValueError, match=message):
+        MLAConfig(**{**MLA.__dict__, **change})
+
+
+def test_model_config_round_trips_mla_and_sizes_rope_by_the_rotary_dims():
+    cfg = tiny().config
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.rope_dim == 4
+    assert tiny().rope_cos.shape == (32, 4)
+    with pytest.raises(ValueError, match="unknown MLAConfig"):
+        ModelConfig.from_dict({**cfg.to_dict(), "mla": {**cfg.to_dict()["mla"], "rank": 3}})
+
+
+def test_softmax_scale_takes_yarn_mscale_all_dim_squared():
+    assert mla_softmax_scale(12, None) == 12**-0.5
+    yarn = {"rope_type": "yarn", "factor": 40.0, "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096}
+    mscale = 0.1 * 0.707 * math.log(40.0) + 1
+    assert mla_softmax_scale(12, yarn) == pytest.approx(12**-0.5 * mscale**2)
+    assert yarn_mscale(1.0, 5.0) == 1.0 and mla_softmax_scale(12, {**yarn, "mscale_all_dim": 0}) == 12**-0.5
+
+
+@torch.no_grad()
+def test_chunked_decoding_over_the_latent_cache_equals_one_pass_with_padding():
+    model = tiny().eval()
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    whole = model(ids, mask=mask).logits
+    cache = model.new_cache(2, 12)
+    parts = [model(ids[:, :5], cache=cache, mask=mask[:, :5]).logits]
+    parts += [model(ids[:, i : i + 1], cache=cache, start_pos=i, mask=mask[:, i : i + 1]).logits for i in range(5, 9)]
+    assert torch.allclose(torch.cat(parts, dim=1)[mask], whole[mask], atol=1e-5)
+
+
+def test_trains_every_mla_parameter():
+    model = tiny()
+    ids = torch.randint(0, 61, (2, 8))
+    model(ids, targets=ids).loss.backward()
+    attn = model.blocks[0].attn
+    for p in (attn.q_a_proj.weight, attn.q_b_proj.weight, attn.kv_a_proj.weight, attn.kv_b_proj.weight,
+              attn.kv_a_norm.weight, attn.o_proj.weight):  # fmt: skip
+        assert p.grad is not None and p.grad.abs().sum() > 0
