@@ -10,6 +10,8 @@ import datetime
 import os
 import tempfile
 import time
+import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,9 @@ def _entry(rank: int, world: int, init_file: str, timeout_s: float, fn, args) ->
     )
     try:
         fn(rank, world, *args)
+    except BaseException:  # every rank's error in the captured output (spawn re-raises only the first it sees)
+        print(f"--- rank {rank} of {world} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise
     finally:
         dist.destroy_process_group()
 
