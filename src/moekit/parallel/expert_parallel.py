@@ -9,10 +9,12 @@ statistics and the aux-loss-free bias update see the global batch. `data_paralle
 reduction, with PyTorch's DistributedDataParallel (DDP) twice:
 
 - expert parameters: each layer's local experts run through a DDP over the "dp" group (the ranks holding the same
-  experts). The all-to-all backward already *sums* the gradient contributions of the W ranks of an EP group on the
-  expert's owner, so after DDP's all-reduce over the dp ranks an expert's gradient is the sum over all
-  world = dp * W ranks; a communication hook divides by the world size (not DDP's default, the dp size) so the
-  result is the mean over the global batch, like every other gradient;
+  experts), which averages over those dp ranks. But the all-to-all backward already *sums* the gradient
+  contributions of the W ranks of an EP group on the expert's owner (each rank's loss is the mean over its own
+  tokens), so each backward's expert gradient is first divided by W, by a hook on the parameter that runs before
+  the gradient is accumulated: the result is the mean over the global batch, like every other gradient. (Dividing
+  inside DDP's communication hook instead would be wrong with gradient accumulation: DDP reduces the accumulated
+  .grad at every backward, and would divide the earlier micro-batches' share again.)
 - everything else (attention, norms, embeddings, routers, shared experts): one DDP over the whole world that
   ignores the expert parameters, averaging as usual.
 
@@ -66,7 +68,6 @@ class ExpertParallel:
     def __init__(self, experts: Experts, num_experts: int, mesh: DeviceMesh, checkpoint_experts: bool = False) -> None:
         self.dispatcher = AllToAllDispatcher(num_experts, mesh["ep"].get_group())
         self.dp_group = mesh["dp"].get_group()
-        self.world_size = mesh.size()
         self.runner: nn.Module = _LocalExperts(experts, checkpoint_experts)  # DDP-wrapped by data_parallel()
 
     @property
@@ -138,15 +139,10 @@ def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def _divide_by_world_then_all_reduce(state, bucket):  # DDP checks a hook's annotations: none here
-    group, world_size = state
-    buffer = bucket.buffer().div_(world_size)
-    return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-
 def data_parallel(model: nn.Module, mesh: DeviceMesh) -> DDP:
     """Wrap a `shard_experts`-ed model for training: DDP over the dp group for each layer's experts, DDP over the
-    world for everything else (see the module docstring for why the expert gradients are divided by the world).
+    world for everything else (see the module docstring for why the expert gradients are also divided by ep).
+    Keep the returned wrapper alive until backward has run: its hooks do the reduction.
 
     Args:
         model: the sharded model (on its device).
@@ -161,7 +157,9 @@ def data_parallel(model: nn.Module, mesh: DeviceMesh) -> DDP:
         handle = layer.expert_parallel
         if not isinstance(handle.runner, DDP):
             handle.runner = DDP(handle.runner, process_group=handle.dp_group, forward_sync_buffers=False)
-            handle.runner.register_comm_hook((handle.dp_group, handle.world_size), _divide_by_world_then_all_reduce)
+            ep_size = handle.dispatcher.ep_size
+            for p in handle.runner.module.parameters():  # summed over the ep ranks by the all-to-all: make a mean
+                p.register_hook(lambda grad_EX: grad_EX / ep_size)
     DDP._set_params_and_buffers_to_ignore_for_model(model, list(experts))
     return DDP(model, forward_sync_buffers=False)
 
