@@ -83,6 +83,8 @@ class MoE(nn.Module):
         # Load accumulated over the micro-batches of one optimizer step, for the aux-loss-free bias update.
         self.register_buffer("step_load", torch.zeros(config.num_experts), persistent=False)
         self.last: MoEStats | None = None
+        # Set by moekit.parallel.shard_experts: the experts live on several ranks, reached by all-to-all.
+        self.expert_parallel = None
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """x [B, S, D] or [T, D] -> same shape. Statistics and losses of this call go to `self.last`."""
@@ -105,7 +107,9 @@ class MoE(nn.Module):
         else:
             plan = dispatch.plan(route, cfg.num_experts, capacity, cfg.overflow)
             x_MD = dispatch.gather(x_TD, plan)
-            if cfg.checkpoint_experts and torch.is_grad_enabled():
+            if self.expert_parallel is not None:
+                y_MD = self.expert_parallel.run_experts(x_MD, plan.counts, plan.weights)
+            elif cfg.checkpoint_experts and torch.is_grad_enabled():
                 y_MD = checkpoint(self.experts, x_MD, plan.counts, plan.weights, use_reentrant=False)
             else:
                 y_MD = self.experts(x_MD, plan.counts, plan.weights)  # combine weights applied inside: y = w * E(x)
@@ -117,6 +121,8 @@ class MoE(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
 
+        if self.expert_parallel is not None:  # losses, statistics and the bias update see the global batch
+            plan = self.expert_parallel.global_plan(plan)
         self.last = self._stats(route, plan, mask_T, lead_shape)
         if self.training and cfg.bias_update_rate > 0:
             self.step_load += plan.routed_counts.to(self.step_load.dtype)
@@ -127,6 +133,7 @@ class MoE(nn.Module):
         # few expert multiplies themselves, so those run directly (gpt-fast keeps its decode path apart likewise).
         return (
             capacity is None
+            and self.expert_parallel is None
             and not route.expert_choice
             and not torch.is_grad_enabled()
             and x_TD.device.type == "cpu"
@@ -187,7 +194,10 @@ class MoE(nn.Module):
         if cfg.cv2_loss_coef:
             gates_TE = self._gates(route)
             load = route.load_probs if route.load_probs is not None else plan.routed_counts
-            losses["cv2"] = balance.cv2_loss(gates_TE, load, mask_T)
+            cv2_mask_T = mask_T
+            if self.expert_parallel is not None:  # CV^2 of the global importance and load: [1, E] sums over ranks
+                gates_TE, load, cv2_mask_T = self._global_sums(gates_TE, load, mask_T)
+            losses["cv2"] = balance.cv2_loss(gates_TE, load, cv2_mask_T)
             aux = aux + cfg.cv2_loss_coef * losses["cv2"]
         if cfg.z_loss_coef:
             losses["z"] = balance.z_loss(route.logits, mask_T)
@@ -212,6 +222,15 @@ class MoE(nn.Module):
             router_logits=route.logits.detach(),
             capacity=plan.capacity,
         )
+
+    def _global_sums(self, gates_TE: Tensor, load: Tensor, mask_T: Tensor | None):
+        weight_T1 = None if mask_T is None else mask_T.unsqueeze(1).to(gates_TE.dtype)
+        gates_TE = gates_TE if weight_T1 is None else gates_TE * weight_T1
+        gates_1E = self.expert_parallel.sum_over_ranks(gates_TE.sum(0, keepdim=True))
+        if load.dim() == 2:
+            load = (load if weight_T1 is None else load * weight_T1.to(load.dtype)).sum(0, keepdim=True)
+            load = self.expert_parallel.sum_over_ranks(load)
+        return gates_1E, load, None
 
     def _gates(self, route: RouterOutput) -> Tensor:
         """The sparse gates [T, E]: each slot's combine weight at its expert."""

@@ -62,6 +62,8 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     rng: dict[str, Tensor] | None = None,
     keep: int = 2,
+    model_state: dict[str, Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically and point `latest` at it.
 
@@ -75,6 +77,9 @@ def save_checkpoint(
         state: JSON-able trainer state.
         rng: named generator states (uint8 tensors) to restore on resume.
         keep: how many complete checkpoints to keep (older ones are deleted after `latest` moves); 0 keeps all.
+        model_state: the weights to write instead of `model.state_dict()` (an expert-parallel run passes its
+            experts gathered to full size: `moekit.parallel.full_model_state`).
+        optimizer_state: likewise instead of `optimizer.state_dict()` (`moekit.parallel.full_optimizer_state`).
 
     Returns:
         The checkpoint directory.
@@ -85,15 +90,16 @@ def save_checkpoint(
     name = f"step_{step:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
+    weights = model.state_dict() if model_state is None else model_state
     writers: list[tuple[str, Callable[[Path], None]]] = [
-        (MODEL_FILE, lambda p: _save_tensors(p, *_dedup_tied(model.state_dict()))),
+        (MODEL_FILE, lambda p: _save_tensors(p, *_dedup_tied(weights))),
         (CONFIG_FILE, lambda p: _save_json(p, config)),
         (TOKENIZER_FILE, lambda p: p.write_text(tokenizer_json, encoding="utf-8")),
         (STATE_FILE, lambda p: _save_tensors(p, {k: v.contiguous() for k, v in (rng or {}).items()})),
         (STATE_JSON, lambda p: _save_json(p, {"step": step, **(state or {})})),
     ]
     if optimizer is not None:
-        tensors, meta = _optimizer_to_files(optimizer, model)
+        tensors, meta = _optimizer_to_files(optimizer, model, optimizer_state)
         writers += [
             (OPTIMIZER_FILE, lambda p: _save_tensors(p, tensors)),
             (OPTIMIZER_JSON, lambda p: _save_json(p, meta)),
@@ -174,8 +180,10 @@ def _write_latest(run_dir: Path, name: str) -> None:
     _fsync_dir(run_dir)
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[dict[str, Tensor], dict]:
-    sd = optimizer.state_dict()
+def _optimizer_to_files(
+    optimizer: torch.optim.Optimizer, model: nn.Module, sd: dict[str, Any] | None = None
+) -> tuple[dict[str, Tensor], dict]:
+    sd = optimizer.state_dict() if sd is None else sd
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in sd["state"].items():
@@ -273,8 +281,11 @@ def load_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return _load_json(ckpt / STATE_JSON), _load_tensors(ckpt / STATE_FILE)[0]
 
 
-def load_weights(model: nn.Module, ckpt: Path) -> None:
+def load_weights(model: nn.Module, ckpt: Path, shard: Callable[[dict], dict] | None = None) -> None:
     """Load model.safetensors into `model` strictly: same names, same shapes, nothing left over or unset.
+
+    `shard` maps the full tensors to the model's own (an expert-parallel rank's slice: `moekit.parallel.
+    shard_model_state`) before the check.
 
     Raises:
         CheckpointError: listing missing/unexpected names and shape mismatches (a checkpoint of another model).
@@ -284,6 +295,8 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
     for alias, name in json.loads(meta.get("tied", "{}")).items():
         if name in tensors:
             tensors[alias] = tensors[name]
+    if shard is not None:
+        tensors = shard(tensors)
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in tensors]
     problems += [f"unexpected {k}" for k in tensors if k not in expected]
@@ -298,8 +311,11 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
     model.load_state_dict(tensors, strict=True)
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, ckpt: Path) -> None:
-    """Restore an optimizer saved by `save_checkpoint`; the parameters must be the same, in the same groups."""
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, model: nn.Module, ckpt: Path, shard: Callable[[dict], dict] | None = None
+) -> None:
+    """Restore an optimizer saved by `save_checkpoint`; the parameters must be the same, in the same groups.
+    `shard` maps the saved state dict to this rank's (`moekit.parallel.shard_optimizer_state`)."""
     path = ckpt / OPTIMIZER_JSON
     meta = _load_json(path)
     tensors, _ = _load_tensors(ckpt / OPTIMIZER_FILE)
@@ -312,7 +328,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, ckpt: Pat
     for index, scalars in meta.get("scalar_state", {}).items():
         state.setdefault(int(index), {}).update(scalars)
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    full = {"state": state, "param_groups": groups}
+    optimizer.load_state_dict(full if shard is None else shard(full))
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):

@@ -5,7 +5,10 @@ Legend: B batch, S sequence length, V vocabulary.
 
 One optimizer step: `grad_accum` micro-batches of B windows each (forward, loss / grad_accum, backward), clip the
 global gradient norm, set the scheduled learning rate, `optimizer.step()`, then `update_biases(model)` (the
-aux-loss-free balancer's once-per-step update). Everything random is drawn from two generators, torch's global one
+aux-loss-free balancer's once-per-step update). Under torchrun (`moekit train --nproc N`) the same loop runs with
+expert parallelism (`ep` ranks share each layer's experts, see moekit.parallel): `batch_size` stays the global
+micro-batch, each rank takes its 1/N of every batch, and losses, gradients, clipping and balancing are reduced over
+the ranks, so a run computes what one process would on the same batches (up to float rounding). Everything random is drawn from two generators, torch's global one
 (initialisation, routers with noise) and the data sampler's own; both states go into every checkpoint, with the
 weights and the AdamW moments, so a resumed run computes the same floats as one that was never stopped.
 """
@@ -65,6 +68,8 @@ class TrainConfig:
     max_tokens: int | None = None  # use only the first N tokens of the training split
     text_field: str = "text"  # JSONL field holding the text
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    ep: int = 1  # expert-parallel ranks (a divisor of the torchrun world; the rest is data parallel); 1 = off
+    dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before raising (a dead rank)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_windows", "vocab_size"):
@@ -78,6 +83,8 @@ class TrainConfig:
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, clip >= 0 and weight_decay >= 0")
         if self.tokenizer not in ("bpe", "bytes"):
             raise ValueError(f"unknown tokenizer {self.tokenizer!r}: expected 'bpe' or 'bytes'")
+        if isinstance(self.ep, bool) or not isinstance(self.ep, int) or self.ep < 1 or not self.dist_timeout > 0:
+            raise ValueError(f"ep must be a positive integer and dist_timeout > 0, got {self.ep!r}, {self.dist_timeout!r}")
         if self.max_tokens is not None and self.max_tokens < self.seq_len + 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be at least seq_len + 1 = {self.seq_len + 1}")
 
@@ -87,7 +94,10 @@ class TrainConfig:
 
 
 # Fields a resumed run may change: they do not touch the numbers of training.
-RESUMABLE_CHANGES = frozenset({"out", "steps", "eval_every", "save_every", "keep_checkpoints", "log_every", "device"})
+# (ep too: checkpoints hold the single-process layout and the global batch does not depend on the ranks.)
+RESUMABLE_CHANGES = frozenset(
+    {"out", "steps", "eval_every", "save_every", "keep_checkpoints", "log_every", "device", "ep", "dist_timeout"}
+)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -283,8 +293,15 @@ class Trainer:
         from moekit.models.lm import MoELM
 
         build_model_config(config.preset, 257, config.seq_len)  # an unknown preset fails now, not after the data
-        self.config, self.log = config, log
-        self.progress = _progress_enabled() if progress is None else progress
+        self.config = config
+        self.dist = None
+        if config.ep > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from moekit.parallel.run import ParallelRun
+
+            self.dist = ParallelRun(config.ep, config.dist_timeout)
+        self.is_main = self.dist is None or self.dist.rank == 0
+        self.log = log if self.is_main else (lambda *_: None)
+        self.progress = (_progress_enabled() if progress is None else progress) and self.is_main
         self.run_dir = Path(config.out)
         self.device = _device(config.device)
         found = ckpt.find_checkpoint(self.run_dir) if self.run_dir.exists() else None
@@ -293,10 +310,13 @@ class Trainer:
         if overwrite and not resume:
             found = None
         if resume and found is None:
-            log(f"no checkpoint in {self.run_dir}: starting a new run")
-        if found is None:  # also drops the metrics of a run killed before its first checkpoint
-            _clear_run(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log(f"no checkpoint in {self.run_dir}: starting a new run")
+        if self.is_main:
+            if found is None:  # also drops the metrics of a run killed before its first checkpoint
+                _clear_run(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist is not None:
+            self.dist.barrier()
 
         saved_state, saved_rng = None, None
         if found is not None:
@@ -317,12 +337,14 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights for the same seed
         self.model_config = build_model_config(config.preset, data.tokenizer.vocab_size, config.seq_len)
         self.model = MoELM(self.model_config).to(self.device)
+        self.num_params, self.active_params = self.model.num_params(), self.model.active_params()
+        self.flops_per_token = 3 * self.model.flops_per_token(config.seq_len)  # forward + backward (2x forward)
+        self.forward = self.model if self.dist is None else self.dist.wrap(self.model)  # experts sharded from here
         self.optimizer = optimizer_for(self.model, config)
         self.generator = torch.Generator().manual_seed(config.seed)  # batches: independent of model randomness
         self.step, self.tokens, self.history = 0, 0, []
         if found is not None:
             self._restore(found, saved_state, saved_rng)
-        self.flops_per_token = 3 * self.model.flops_per_token(config.seq_len)  # forward + backward (2x forward)
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         current = asdict(self.config)
@@ -339,8 +361,9 @@ class Trainer:
         if saved_config != self.model_config.to_dict():
             diff = [k for k in saved_config if saved_config.get(k) != self.model_config.to_dict().get(k)]
             raise ckpt.CheckpointError(f"{str(found / ckpt.CONFIG_FILE)!r} is for another model (fields {diff} differ)")
-        ckpt.load_weights(self.model, found)
-        ckpt.load_optimizer(self.optimizer, self.model, found)
+        shard = None if self.dist is None else self.dist.shard_state(self.model, self.optimizer)
+        ckpt.load_weights(self.model, found, None if shard is None else shard[0])
+        ckpt.load_optimizer(self.optimizer, self.model, found, None if shard is None else shard[1])
         torch.set_rng_state(rng["torch"])
         self.generator.set_state(rng["data"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -357,13 +380,14 @@ class Trainer:
         log_every = cfg.log_every or max(1, cfg.steps // 20)
         self.log(self.data.summary())
         self.log(
-            f"model {cfg.preset}: {self.model.num_params():,} parameters, {self.model.active_params():,} active; "
+            f"model {cfg.preset}: {self.num_params:,} parameters, {self.active_params:,} active; "
             f"{cfg.steps} steps x {cfg.tokens_per_step:,} tokens on {self.device.type}"
+            + ("" if self.dist is None else f" ({self.dist.describe()})")
         )
         bar = self._bar()
         start = time.perf_counter()
         last_saved = self.step if self.step else -1
-        with open(self.run_dir / METRICS, "a", encoding="utf-8") as metrics_file:
+        with open(self.run_dir / METRICS if self.is_main else os.devnull, "a", encoding="utf-8") as metrics_file:
             while self.step < cfg.steps:
                 record = self._train_step()
                 if record["step"] % cfg.eval_every == 0 or record["step"] == cfg.steps:
@@ -379,7 +403,8 @@ class Trainer:
             bar.close()
         if last_saved != self.step:  # nothing left to run (a finished run resumed): still leave a checkpoint
             self.save()
-        plot_losses(self.history, self.run_dir / LOSS_PLOT, self._title())
+        if self.is_main:
+            plot_losses(self.history, self.run_dir / LOSS_PLOT, self._title())
         last = self.history[-1] if self.history else {}
         val = next((r["val_loss"] for r in reversed(self.history) if r.get("val_loss") is not None), None)
         return TrainResult(
@@ -389,8 +414,8 @@ class Trainer:
             tokens=self.tokens,
             final_loss=last.get("loss", float("nan")),
             val_loss=val,
-            total_params=self.model.num_params(),
-            active_params=self.model.active_params(),
+            total_params=self.num_params,
+            active_params=self.active_params,
             train_flops=self.flops_per_token * self.tokens,
             seconds=time.perf_counter() - start,
             history=self.history,
@@ -407,15 +432,24 @@ class Trainer:
         imbalances = []
         for _ in range(cfg.grad_accum):
             batch = self.data.train.sample(cfg.batch_size, cfg.seq_len, self.generator)
-            x, y = batch.x.to(self.device), batch.y.to(self.device)
+            x, y = batch.x, batch.y
+            if self.dist is not None:  # every rank draws the same global batch and takes its share of the rows
+                x, y = self.dist.my_rows(x), self.dist.my_rows(y)
+            x, y = x.to(self.device), y.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = self.model(x, targets=y)
+                out = self.forward(x, targets=y)
             (out.loss / cfg.grad_accum).backward()
-            loss_sum += out.loss.item()
-            ce_sum += out.ce_loss.item()
-            aux_sum += out.aux_loss.item()
+            losses = torch.stack([out.loss, out.ce_loss, out.aux_loss]).detach().float()
+            if self.dist is not None:  # the global batch's losses: the mean of the ranks' (equal shares)
+                losses = self.dist.mean(losses)
+            loss, ce, aux = losses.tolist()
+            loss_sum, ce_sum, aux_sum = loss_sum + loss, ce_sum + ce, aux_sum + aux
             imbalances.append(load_imbalance(self.model))
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+        max_norm = cfg.clip if cfg.clip > 0 else float("inf")
+        if self.dist is None:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        else:
+            grad_norm = self.dist.clip_grad_norm_(self.model, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         update_biases(self.model)
@@ -446,13 +480,18 @@ class Trainer:
         sums = torch.zeros(len(names), dtype=torch.float64)
         counts = torch.zeros(len(names), dtype=torch.float64)
         for batch in self.data.val.eval_batches(cfg.batch_size, cfg.seq_len, cfg.eval_windows):
+            x_BS, y_BS, domains = batch.x, batch.y, batch.domains
+            if self.dist is not None:  # a share of the windows each (possibly none: the layers still take part)
+                x_BS, y_BS, domains = (self.dist.my_rows(t, uneven=True) for t in (x_BS, y_BS, domains))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits_BSV = self.model(batch.x.to(self.device)).logits
-            y_BS = batch.y.to(self.device)
+                logits_BSV = self.model(x_BS.to(self.device)).logits
+            y_BS = y_BS.to(self.device)
             ce_BS = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten(), reduction="none")
-            domains = batch.domains.flatten().long()
+            domains = domains.flatten().long()
             sums.index_add_(0, domains, ce_BS.double().cpu())
             counts.index_add_(0, domains, torch.ones_like(domains, dtype=torch.float64))
+        if self.dist is not None:
+            sums, counts = self.dist.sum(sums), self.dist.sum(counts)
         self.model.train()
         if counts.sum() == 0:
             return {}
@@ -469,11 +508,16 @@ class Trainer:
             "train_config": asdict(self.config),
             "data_fingerprint": self.data.train.fingerprint(),
         }
-        path = ckpt.save_checkpoint(
-            self.run_dir, self.step, self.model, self.model_config.to_dict(), self.data.tokenizer.to_str(),
-            self.optimizer, state, rng, self.config.keep_checkpoints,
-        )
-        plot_losses(self.history, self.run_dir / LOSS_PLOT, self._title())
+        full = {} if self.dist is None else self.dist.full_state(self.model, self.optimizer)  # a collective
+        path = self.run_dir / ckpt.CHECKPOINTS / f"step_{self.step:06d}"
+        if self.is_main:  # one writer: the files are the single-process layout whatever the ranks
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.step, self.model, self.model_config.to_dict(), self.data.tokenizer.to_str(),
+                self.optimizer, state, rng, self.config.keep_checkpoints, **full,
+            )
+            plot_losses(self.history, self.run_dir / LOSS_PLOT, self._title())
+        if self.dist is not None:
+            self.dist.barrier()
         return path
 
     def _title(self) -> str:

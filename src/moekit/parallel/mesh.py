@@ -1,0 +1,57 @@
+"""Process groups for expert parallelism (EP) times data parallelism (DP), and starting torch.distributed.
+
+A world of W ranks is laid out as a 2-D device mesh ("dp", "ep") of shape (W / ep, ep): rank r sits at
+dp index r // ep and ep index r % ep. The ranks of one "ep" row hold different experts and exchange tokens with
+all-to-all (consecutive ranks: on GPUs, the ranks of one node, where the all-to-all is fastest); the ranks of one
+"dp" column hold the same experts and average their gradients. Parameters outside the experts are replicated on
+every rank and averaged over the whole world.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+DEFAULT_TIMEOUT_S = 300.0  # a dead rank or a skipped collective raises after this long instead of hanging forever
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> None:
+    """Join the process group that torchrun (or the caller, through MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE)
+    describes; a no-op if already joined.
+
+    Args:
+        timeout_s: seconds a collective may wait for the other ranks before it raises (gloo and NCCL honour it).
+        backend: "gloo", "nccl", or None: NCCL when CUDA is available and LOCAL_RANK is set, gloo otherwise.
+    """
+    if dist.is_initialized():
+        return
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and "LOCAL_RANK" in os.environ else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def build_mesh(ep: int, device_type: str | None = None) -> DeviceMesh:
+    """The ("dp", "ep") device mesh over the current world.
+
+    Args:
+        ep: expert-parallel ranks; must divide the world size (dp = world / ep).
+        device_type: "cpu" or "cuda"; None = what the process group's backend drives (cuda for NCCL).
+    Returns:
+        A DeviceMesh with dims named "dp" and "ep"; `mesh["ep"].get_group()` is this rank's EP group.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: call moekit.parallel.init_distributed() first")
+    world = dist.get_world_size()
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1 or world % ep:
+        raise ValueError(f"ep={ep!r} must be a positive integer dividing the world size {world}")
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
