@@ -259,3 +259,34 @@ def test_bad_arguments_are_named():
         R.analyze_routing(model, torch.arange(100) % 64, seq_len=65)
     with pytest.raises(ValueError, match=r"token ids span 0\.\.99: the model's vocabulary is 64"):
         R.analyze_routing(model, torch.arange(100), seq_len=32)
+
+
+# -------------------------------------------------------------------------------------- conditional information
+
+
+def test_domain_adds_nothing_when_the_token_alone_decides_the_expert():
+    # Token 0 -> expert 0, token 1 -> expert 1, whatever the domain; the domains use the tokens differently, so the
+    # plain MI(domain; expert) is positive, but given the token the domain tells nothing.
+    tokens = torch.tensor([0, 0, 0, 1, 0, 1, 1, 1])
+    domains = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    indices = tokens.unsqueeze(1)
+    assert R.mutual_information(domains, indices, 2, 2) > 0.1
+    assert R.conditional_mutual_information(domains, indices, tokens, 2, 2, 2) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_conditional_mi_of_a_domain_split_within_every_token_is_the_domain_entropy():
+    tokens = torch.tensor([0, 0, 1, 1, 2, 2])
+    domains = torch.tensor([0, 1, 0, 1, 0, 1])
+    indices = domains.unsqueeze(1)  # the domain decides the expert, within every token id
+    assert R.conditional_mutual_information(domains, indices, tokens, 2, 2, 3) == pytest.approx(1.0)
+    result = R.shuffled_conditional_mutual_information(domains, indices, tokens, 2, 2, 3, shuffles=4)
+    assert result.value == pytest.approx(1.0) and result.shuffles == 4
+
+
+def test_shuffling_within_groups_keeps_each_groups_labels():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 5, (400,), generator=g)
+    domains = (tokens >= 3).long()  # the domain is a function of the token: nothing to learn beyond it
+    indices = torch.randint(0, 4, (400, 2), generator=g)
+    result = R.shuffled_conditional_mutual_information(domains, indices, tokens, 2, 4, 5, shuffles=3)
+    assert result.value == pytest.approx(0.0, abs=1e-12) and result.baseline_mean == pytest.approx(0.0, abs=1e-12)

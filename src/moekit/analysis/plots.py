@@ -47,7 +47,7 @@ def plot_load(data: dict[str, Any], path: str | os.PathLike) -> Path:
     layers = data["layers"]
     E = max(layer["num_experts"] for layer in layers)
     share_LE = [layer["load_share"] + [math.nan] * (E - layer["num_experts"]) for layer in layers]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * E, 1.4 + 0.55 * len(layers)))
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.5 + 0.7 * E), 1.6 + 0.55 * len(layers)))
     image = ax.imshow(share_LE, cmap="viridis", aspect="auto", vmin=0)
     for i, row in enumerate(share_LE):
         for e, value in enumerate(row):

@@ -305,7 +305,8 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
             str(layer["layer"]), _fmt(layer["imbalance"], 2), _fmt(layer["cv"], 3),
             f"{_fmt(layer['entropy'], 3)} ({_fmt(layer['entropy_normalised'], 2)} of ln E)",
             _fmt(layer["dropped"]), _fmt(layer["rerouted"]),
-            _baseline_cell(layer["domain_mi"], 4), _baseline_cell(layer["token_mi"], 3),
+            _baseline_cell(layer["domain_mi"], 4), _baseline_cell(layer.get("domain_mi_given_token"), 4),
+            _baseline_cell(layer["token_mi"], 3),
             _baseline_cell(layer["token_consistency"], 3),
             f"{_fmt(layer['repeat_first'], 3)} / {_fmt(layer['repeat_any'], 3)} "
             f"(chance {_fmt(layer['repeat_first_chance'], 3)} / {_fmt(layer['repeat_any_chance'], 3)})",
@@ -314,12 +315,13 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
     ]
     parts.append(_table(
         ["layer", "max/mean", "CV", "entropy (nats)", "dropped", "re-routed", "I(domain; expert) bits",
-         "I(token; expert) bits", "token consistency", "consecutive repeats first / any"],
+         "I(domain; expert | token) bits", "I(token; expert) bits", "token consistency", "consecutive repeats first / any"],
         rows,
     ))
     parts.append('<p class="note">Mutual information is over slots (a top-2 token counts once per expert); the '
-                 "shuffled baseline permutes the labels across tokens, so it measures the estimator's bias at this "
-                 "sample size: the excess is the evidence.</p>")
+                 "shuffled baseline permutes the labels across tokens (for the conditional MI: within each token id), so "
+                 "it measures the estimator's bias at this sample size: the excess is the evidence. "
+                 "I(domain; expert | token) is what the domain tells about the expert beyond the tokens it uses.</p>")
 
     for name in plots.FIGURES:
         path = figures.get(name)

@@ -6,7 +6,7 @@ G groups (domains, or token ids when token identity is the label).
 Two halves:
 
 * statistics: pure functions on tensors (`expert_load`, `load_imbalance`, `coefficient_of_variation`,
-  `coactivation`, `mutual_information`, `shuffled_mutual_information`, `consistency`, `repeat_rate`,
+  `coactivation`, `mutual_information`, `shuffled_mutual_information`, `conditional_mutual_information`, `consistency`, `repeat_rate`,
   `top_tokens_by_lift`, `domain_shares`, `collapse_warning`), each checked against a hand-computed case in
   `tests/analysis/test_routing.py`;
 * recording: `RoutingRecorder` hooks the router of every MoE layer of any model (forward hooks: the MoE layer's own
@@ -233,6 +233,75 @@ def shuffled_mutual_information(
         mutual_information(labels_N[torch.randperm(N, generator=generator)], indices_NK, num_labels, num_experts)
         for _ in range(shuffles)
     ]
+    return _baseline(value, shuffled)
+
+
+def conditional_mutual_information(
+    labels_N: Tensor, indices_NK: Tensor, given_N: Tensor, num_labels: int, num_experts: int, num_given: int
+) -> float:
+    """I(label; expert | given) in bits, over slots: what the label tells about the expert beyond `given`.
+
+    With the domain as label and the token id as `given`, this separates domain specialisation from the fact that
+    code and prose use different tokens: it is 0 when, token by token, code and prose occurrences of the same token
+    go to the same experts. Computed as sum_z p(z) I(label; expert | given = z).
+
+    Args:
+        labels_N: [N] label of each token (0..num_labels-1).
+        indices_NK: [N, K] experts, -1 for empty slots.
+        given_N: [N] the conditioning variable (0..num_given-1).
+        num_labels, num_experts, num_given: the ranges.
+    Returns:
+        The conditional MI in bits (>= 0).
+    """
+    indices_NK = _check_indices(indices_NK, num_experts)
+    N = indices_NK.shape[0]
+    labels_N = _check_labels(labels_N, num_labels, N)
+    given_N = _check_labels(given_N, num_given, N, "given")
+    K = indices_NK.shape[1]
+    z_M = given_N.repeat_interleave(K)
+    labels_M, experts_M = labels_N.repeat_interleave(K), indices_NK.reshape(-1)
+    keep = experts_M >= 0
+    z_M, labels_M, experts_M = z_M[keep], labels_M[keep], experts_M[keep]
+    cells = (z_M * num_labels + labels_M) * num_experts + experts_M
+    joint = torch.bincount(cells, minlength=num_given * num_labels * num_experts).double()
+    joint = joint.view(num_given, num_labels, num_experts)
+    total = joint.sum()
+    if total <= 0:
+        return 0.0
+    n_Z = joint.sum((1, 2), keepdim=True)
+    p_XE_given_Z = joint / n_Z.clamp_min(1)
+    p_X = p_XE_given_Z.sum(2, keepdim=True)
+    p_E = p_XE_given_Z.sum(1, keepdim=True)
+    nz = joint > 0
+    terms = joint[nz] / total * torch.log2(p_XE_given_Z[nz] / (p_X * p_E).expand_as(joint)[nz])
+    return float(terms.sum().clamp_min(0.0))
+
+
+def shuffled_conditional_mutual_information(
+    labels_N: Tensor,
+    indices_NK: Tensor,
+    given_N: Tensor,
+    num_labels: int,
+    num_experts: int,
+    num_given: int,
+    shuffles: int = 5,
+    generator: torch.Generator | None = None,
+) -> Baseline:
+    """`conditional_mutual_information` beside its baseline with the labels shuffled within each `given` group
+    (which keeps the label-given association and destroys only the label's own link to the expert)."""
+    if shuffles < 1:
+        raise ValueError(f"shuffles must be >= 1, got {shuffles}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    args = (num_labels, num_experts, num_given)
+    value = conditional_mutual_information(labels_N, indices_NK, given_N, *args)
+    grouped = torch.argsort(given_N, stable=True)  # positions grouped by `given`, in order within a group
+    shuffled = []
+    for _ in range(shuffles):
+        jitter = torch.rand(given_N.numel(), generator=generator, dtype=torch.float64)
+        within = torch.argsort(given_N.double() + jitter)  # the same groups, each in a random order
+        permuted = labels_N.clone()
+        permuted[grouped] = labels_N[within]
+        shuffled.append(conditional_mutual_information(permuted, indices_NK, given_N, *args))
     return _baseline(value, shuffled)
 
 
@@ -497,6 +566,8 @@ class LayerRouting:
         domain_mi: I(domain; expert) in bits vs shuffled domains; None with fewer than two domains.
         domain_mi_fraction: domain_mi.excess / H(expert): share of the expert-choice entropy explained.
         domain_shares: [E][G] share of each expert's slots from each domain.
+        domain_mi_given_token: I(domain; expert | token id) vs domains shuffled within each token id: the domain's
+            information beyond the tokens it uses; None with fewer than two domains.
         token_mi: I(token id; expert) in bits vs shuffled token ids. token_mi_fraction: excess / H(expert).
         token_consistency: share of tokens whose first choice is the most frequent first choice of their token id,
             vs shuffled ids; None without a first choice (expert choice).
@@ -526,6 +597,7 @@ class LayerRouting:
     domain_mi: Baseline | None
     domain_mi_fraction: float | None
     domain_shares: list[list[float]] | None
+    domain_mi_given_token: Baseline | None
     token_mi: Baseline
     token_mi_fraction: float
     token_consistency: Baseline | None
@@ -729,11 +801,14 @@ def _layer_routing(
     has_first = cfg.router != "expert_choice"
     first_N = indices_NK[:, 0] if has_first else None
 
-    domain_mi = domain_fraction = shares = domain_cons = None
+    domain_mi = domain_fraction = shares = domain_cons = domain_given_token = None
     if domains_N is not None and num_domains >= 2:
         domain_mi = shuffled_mutual_information(domains_N, indices_NK, num_domains, E, shuffles, generator)
         domain_fraction = domain_mi.excess / expert_entropy if expert_entropy > 0 else 0.0
         shares = domain_shares(domains_N, indices_NK, num_domains, E).tolist()
+        domain_given_token = shuffled_conditional_mutual_information(
+            domains_N, indices_NK, ids_N, num_domains, E, vocab_size, shuffles, generator
+        )
         if has_first:
             domain_cons = shuffled_consistency(domains_N, first_N, num_domains, E, shuffles, generator)
     token_mi = shuffled_mutual_information(ids_N, indices_NK, vocab_size, E, shuffles, generator)
@@ -764,6 +839,7 @@ def _layer_routing(
         domain_mi=domain_mi,
         domain_mi_fraction=domain_fraction,
         domain_shares=shares,
+        domain_mi_given_token=domain_given_token,
         token_mi=token_mi,
         token_mi_fraction=token_mi.excess / expert_entropy if expert_entropy > 0 else 0.0,
         token_consistency=token_cons,
