@@ -81,6 +81,8 @@ def summary(analysis, step: int) -> list[dict]:
             "repeat_first": layer.repeat_first,
             "repeat_any": layer.repeat_any,
             "repeat_first_chance": layer.repeat_first_chance,
+            "repeat_first_shuffled": layer.repeat_first_shuffled,
+            "repeat_any_shuffled": layer.repeat_any_shuffled,
             "repeat_any_chance": layer.repeat_any_chance,
             "max_code_share": max(row[layer_domain_index(analysis, "code")] for row in layer.domain_shares),
             "min_code_share": min(row[layer_domain_index(analysis, "code")] for row in layer.domain_shares),
@@ -136,9 +138,13 @@ def plot(rows: list[dict], corpus_code_share: float, path: Path) -> None:
            label="same first choice")
     ax.bar([x + 0.2 for x in xs], [by[(last, layer)]["repeat_any"] for layer in layers], 0.4,
            label="first or second choice shared")
+    ax.scatter([x - 0.2 for x in xs], [by[(last, layer)]["repeat_first_shuffled"] for layer in layers], color="black",
+               marker="_", s=300, zorder=3, label="token order shuffled")
+    ax.scatter([x + 0.2 for x in xs], [by[(last, layer)]["repeat_any_shuffled"] for layer in layers], color="black",
+               marker="_", s=300, zorder=3)
     r0 = by[(last, layers[0])]
-    ax.axhline(r0["repeat_first_chance"], color="tab:blue", ls="--", lw=1, label="uniform chance")
-    ax.axhline(r0["repeat_any_chance"], color="tab:orange", ls="--", lw=1)
+    ax.axhline(r0["repeat_first_chance"], color="tab:blue", ls=":", lw=1, label="uniform routing")
+    ax.axhline(r0["repeat_any_chance"], color="tab:orange", ls=":", lw=1)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"layer {layer}" for layer in layers])
     ax.set_ylim(0, 1)
@@ -156,7 +162,7 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         "| step | layer | max/mean | I(dom;E) bits (shuffled) | I(dom;E\\|tok) excess | I(tok;E) bits (shuffled) "
         "| token share of H(E) | domain share of H(E) | token consistency (shuffled) | domain consistency (shuffled) "
-        "| repeat first / any |",
+        "| repeat first / any (order shuffled) |",
         "|---:|---:|---:|---|---:|---|---:|---:|---|---:|---|",
     ]
     for r in rows:
@@ -168,9 +174,40 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['token_fraction']:.1%} | {r['domain_fraction']:.1%} "
             f"| {r['token_consistency']:.3f} ({r['token_consistency_shuffled']:.3f}) "
             f"| {r['domain_consistency']:.3f} ({r['domain_consistency_shuffled']:.3f}) "
-            f"| {r['repeat_first']:.3f} / {r['repeat_any']:.3f} |"
+            f"| {r['repeat_first']:.3f} / {r['repeat_any']:.3f} "
+            f"({r['repeat_first_shuffled']:.3f} / {r['repeat_any_shuffled']:.3f}) |"
         )
     return "\n".join(lines)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _reuse(config: TrainConfig):
+    """The untrained model, data and training result of a finished run, rebuilt without training: the same seed
+    gives the same initial weights as the Trainer's (it seeds torch right before building the model)."""
+    from moekit.models.lm import MoELM
+    from moekit.train.data import Tokenizer, prepare_data
+    from moekit.train.trainer import build_model_config
+
+    found = ckpt.resolve_checkpoint(config.out)
+    data = prepare_data(config.data, Tokenizer.load(found / ckpt.TOKENIZER_FILE), config.vocab_size, seed=config.seed)
+    torch.manual_seed(config.seed)
+    model = MoELM(build_model_config(config.preset, data.tokenizer.vocab_size, config.seq_len))
+    saved = Path(config.out) / "result.json"
+    if saved.is_file():
+        result = json.loads(saved.read_text())
+    else:
+        from moekit.train.trainer import load_metrics
+
+        last = load_metrics(config.out)[-1]
+        val = [r["val_loss"] for r in load_metrics(config.out) if r.get("val_loss") is not None]
+        result = {"steps": last["step"], "tokens": last["tokens"], "val_loss": val[-1] if val else float("nan"),
+                  "seconds": float("nan")}
+    return model, data, result
 
 
 def main() -> int:
@@ -181,6 +218,7 @@ def main() -> int:
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="where the figure and numbers go")
     parser.add_argument("--shuffles", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    parser.add_argument("--reuse", action="store_true", help="analyse the checkpoints already in --out (no training)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -188,20 +226,27 @@ def main() -> int:
     every = max(1, args.steps // args.snapshots)
     config = TrainConfig(preset="tiny-mixtral", out=args.out, steps=args.steps, save_every=every, keep_checkpoints=0,
                          eval_every=every, device="cpu")
-    trainer = Trainer(config, overwrite=True, log=print, progress=False)
-    rows = summary(analyse(trainer.model, trainer.data, args.shuffles), 0)  # the untrained model: the control
+    if args.reuse:
+        model, data, result = _reuse(config)
+    else:
+        trainer = Trainer(config, overwrite=True, log=print, progress=False)
+        model, data = trainer.model, trainer.data
+    rows = summary(analyse(model, data, args.shuffles), 0)  # the untrained model: the control
     print(f"step 0 analysed ({time.perf_counter() - start:.0f} s)")
-    result = trainer.train()
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s; val_loss {result.val_loss:.3f}")
+    if not args.reuse:
+        result = trainer.train()
+        result = {"steps": result.steps, "tokens": result.tokens, "val_loss": result.val_loss, "seconds": result.seconds}
+        _write_json(Path(args.out) / "result.json", result)
+    print(f"trained {result['steps']} steps in {result['seconds']:.0f} s; val_loss {result['val_loss']:.3f}")
 
     final = None
     for checkpoint in sorted((Path(args.out) / ckpt.CHECKPOINTS).glob("step_*")):
         model, _, _ = ckpt.load_model(checkpoint)
         step = int(checkpoint.name.split("_")[1])
-        final = analyse(model, trainer.data, args.shuffles)
+        final = analyse(model, data, args.shuffles)
         rows += summary(final, step)
         print(f"step {step} analysed ({time.perf_counter() - start:.0f} s)")
-    final.source = {"model": f"tiny-mixtral, {result.steps} steps", "text": "the embedded corpus' validation split"}
+    final.source = {"model": f"tiny-mixtral, {result['steps']} steps", "text": "the embedded corpus' validation split"}
     files = write_report(final, Path(args.out) / "analysis")
 
     docs = Path(args.docs)
@@ -210,8 +255,8 @@ def main() -> int:
     code_share = domain_tokens[final.domain_names.index("code")] / sum(domain_tokens)
     plot(rows, code_share, docs / "specialisation.png")
     record = {
-        "config": {"preset": "tiny-mixtral", "steps": result.steps, "tokens": result.tokens,
-                   "val_loss": result.val_loss, "train_seconds": round(result.seconds),
+        "config": {"preset": "tiny-mixtral", "steps": result["steps"], "tokens": result["tokens"],
+                   "val_loss": result["val_loss"], "train_seconds": round(result["seconds"]) if result["seconds"] == result["seconds"] else None,
                    "validation_tokens": final.num_tokens, "domain_tokens": dict(zip(final.domain_names, domain_tokens)),
                    "shuffles": args.shuffles, "python": sys.version.split()[0]},
         "rows": rows,
@@ -223,9 +268,7 @@ def main() -> int:
             for layer in final.layers
         },
     }
-    tmp = docs / f".specialisation.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, docs / "specialisation.json")
+    _write_json(docs / "specialisation.json", record)
     print(markdown(rows))
     print(f"\nfigure {docs / 'specialisation.png'}, numbers {docs / 'specialisation.json'}, report {files.html}")
     print(f"total {time.perf_counter() - start:.0f} s")

@@ -290,3 +290,11 @@ def test_shuffling_within_groups_keeps_each_groups_labels():
     indices = torch.randint(0, 4, (400, 2), generator=g)
     result = R.shuffled_conditional_mutual_information(domains, indices, tokens, 2, 4, 5, shuffles=3)
     assert result.value == pytest.approx(0.0, abs=1e-12) and result.baseline_mean == pytest.approx(0.0, abs=1e-12)
+
+
+def test_repeats_are_reported_beside_their_shuffled_order_baseline():
+    model = _tiny_lm()
+    result = R.analyze_routing(model, torch.arange(512) % 64, seq_len=32, shuffles=2)
+    layer = result.layers[0]
+    assert 0 <= layer.repeat_first_shuffled <= 1 and 0 <= layer.repeat_any_shuffled <= 1
+    assert layer.repeat_any_shuffled >= layer.repeat_first_shuffled

@@ -309,7 +309,9 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
             _baseline_cell(layer["token_mi"], 3),
             _baseline_cell(layer["token_consistency"], 3),
             f"{_fmt(layer['repeat_first'], 3)} / {_fmt(layer['repeat_any'], 3)} "
-            f"(chance {_fmt(layer['repeat_first_chance'], 3)} / {_fmt(layer['repeat_any_chance'], 3)})",
+            f"(order shuffled {_fmt(layer.get('repeat_first_shuffled'), 3)} / "
+            f"{_fmt(layer.get('repeat_any_shuffled'), 3)}; uniform {_fmt(layer['repeat_first_chance'], 3)} / "
+            f"{_fmt(layer['repeat_any_chance'], 3)})",
         ]
         for layer in layers
     ]

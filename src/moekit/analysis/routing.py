@@ -573,7 +573,9 @@ class LayerRouting:
             vs shuffled ids; None without a first choice (expert choice).
         domain_consistency: the same with the domain as key.
         repeat_first, repeat_any: consecutive tokens with the same first choice / overlapping expert sets, with
-            the uniform-routing chance values repeat_first_chance, repeat_any_chance.
+            the uniform-routing chance values repeat_first_chance, repeat_any_chance, and the same rates with the
+            tokens' order shuffled (repeat_first_shuffled, repeat_any_shuffled: mean over the shuffles), the fair
+            chance level when the load is uneven.
         top_tokens: per expert, the tokens it prefers most by lift.
         collapse: the collapse warning, or None.
     """
@@ -606,6 +608,8 @@ class LayerRouting:
     repeat_any: float
     repeat_first_chance: float
     repeat_any_chance: float
+    repeat_first_shuffled: float | None
+    repeat_any_shuffled: float
     top_tokens: list[list[TokenLift]] = field(default_factory=list)
     collapse: str | None = None
 
@@ -817,6 +821,13 @@ def _layer_routing(
     seqs = [t.view(rows, length, -1) for t, (rows, length) in zip(per_batch, shapes)]
     repeat_first = _mean_rate(seqs, True) if has_first else None
     repeat_any = _mean_rate(seqs, False)
+    shuffled_first, shuffled_any = [], []
+    for _ in range(shuffles):
+        order = torch.randperm(N, generator=generator)
+        parts = indices_NK[order].split([rows * length for rows, length in shapes])
+        mixed = [t.view(rows, length, -1) for t, (rows, length) in zip(parts, shapes)]
+        shuffled_first.append(_mean_rate(mixed, True) if has_first else float("nan"))
+        shuffled_any.append(_mean_rate(mixed, False))
     # K for the chance values: the router's top_k, or the mean experts per token for expert choice.
     k_eff = max(1, round(float(load_E.sum()) / N)) if not has_first else cfg.top_k
     return LayerRouting(
@@ -848,6 +859,8 @@ def _layer_routing(
         repeat_any=repeat_any,
         repeat_first_chance=chance_repeat_rate(E, k_eff, True),
         repeat_any_chance=chance_repeat_rate(E, k_eff, False),
+        repeat_first_shuffled=sum(shuffled_first) / shuffles if has_first else None,
+        repeat_any_shuffled=sum(shuffled_any) / shuffles,
         top_tokens=top_tokens_by_lift(ids_N, indices_NK, vocab_size, E, top, min_count, decode),
         collapse=collapse_warning(load_E, N),
     )
