@@ -109,6 +109,22 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from moekit.analysis.report import analyze_routing_report, format_summary
+
+    analysis, files = analyze_routing_report(
+        args.out, checkpoint=args.checkpoint, hf=args.hf, data=args.data, text_field=args.text_field or "text",
+        max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size, shuffles=args.shuffles,
+        device=args.device, dtype=args.dtype, seed=args.seed, log=(lambda *_: None) if args.json else print,
+    )
+    if args.json:
+        print(json.dumps({"report": str(files.html), "json": str(files.json), "warnings": analysis.warnings}, indent=2))
+    else:
+        print(format_summary(analysis))
+        print(f"report {files.html}\nnumbers {files.json}, figures {', '.join(str(p) for p in files.figures.values())}")
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -146,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_generate(sub)
     _add_compare(sub)
+    _add_analyze(sub)
     return parser
 
 
@@ -236,6 +253,30 @@ def _add_compare(sub) -> None:
     cmp.add_argument("--device", choices=("auto", "cpu", "cuda"))
     cmp.add_argument("--json", action="store_true", help="print only the result, as JSON")
     cmp.set_defaults(func=_compare)
+
+
+def _add_analyze(sub) -> None:
+    ana = sub.add_parser(
+        "analyze", help="routing analysis of a trained MoE model: load, entropy, co-activation, specialisation",
+        description="Runs the model over text and writes analysis.json, PNG figures and a self-contained "
+        "report.html to --out. See moekit.analysis.report.",
+    )
+    model = ana.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a moekit run directory (its latest checkpoint) or checkpoint dir")
+    model.add_argument("--hf", help="a Hugging Face model folder (config, safetensors, tokenizer.json)")
+    ana.add_argument("--data", help="a text file, folder or .jsonl (default: the embedded corpus' validation split, "
+                     "tagged prose/code)")
+    ana.add_argument("--text-field", help="JSONL field holding the text (default 'text')")
+    ana.add_argument("--out", required=True, help="output directory")
+    ana.add_argument("--max-tokens", type=_positive, default=65536, help="tokens analysed at most (default 65536)")
+    ana.add_argument("--seq-len", type=_positive, default=128, help="tokens per window (default 128)")
+    ana.add_argument("--batch-size", type=_positive, default=16, help="windows per forward (default 16)")
+    ana.add_argument("--shuffles", type=_positive, default=5, help="shuffled-label baselines (default 5)")
+    ana.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights' dtype for --hf")
+    ana.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    ana.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
+    ana.add_argument("--json", action="store_true", help="print only the output paths and warnings, as JSON")
+    ana.set_defaults(func=_analyze)
 
 
 def main(argv: list[str] | None = None) -> int:

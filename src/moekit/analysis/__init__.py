@@ -1,4 +1,5 @@
-"""Understanding MoE models: parameter, FLOP and memory accounting (params), routing analysis (later)."""
+"""Understanding MoE models: parameter, FLOP and memory accounting (params); routing analysis (routing: the
+statistics, plots: the figures, report: JSON + PNG + HTML and `moekit analyze`)."""
 
 from moekit.analysis.arch import ArchSpec, arch_from_config, load_config
 from moekit.analysis.params import (
@@ -9,9 +10,17 @@ from moekit.analysis.params import (
     format_report,
     published_comparison,
 )
+from moekit.analysis.report import analyze_routing_report, write_report
+from moekit.analysis.routing import LayerRouting, RoutingAnalysis, RoutingRecorder, analyze_routing
 
 __all__ = [
     "ArchSpec",
+    "LayerRouting",
+    "RoutingAnalysis",
+    "RoutingRecorder",
+    "analyze_routing",
+    "analyze_routing_report",
+    "write_report",
     "ParamReport",
     "analyze",
     "arch_from_config",
