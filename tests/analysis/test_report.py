@@ -112,32 +112,29 @@ def test_a_collapsed_router_is_warned_about_on_the_terminal_and_in_the_report(ti
     assert data["domain_names"] == ["prose"] and data["layers"][0]["domain_mi"] is None  # one domain: no domain MI
 
 
-def test_hf_models_go_through_load_pretrained(tiny_model_config, tmp_path, capsys, monkeypatch):
-    import moekit.hf
-
+def test_hf_folder_saved_by_transformers(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
     tokenizer = Tokenizer.bytes()
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
     folder = tmp_path / "hf-model"
-    folder.mkdir()
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(folder)
     tokenizer.save(folder / "tokenizer.json")
-    calls = []
-
-    def fake_load_pretrained(path, dtype=None):
-        calls.append((path, dtype))
-        return _collapsed_model(tiny_model_config)
-
-    monkeypatch.setattr(moekit.hf, "load_pretrained", fake_load_pretrained, raising=False)
     text = tmp_path / "code.py"
     text.write_text("def f(x):\n    return x + 1\n" * 30)
-    code, stdout, _ = _analyze(capsys, "--hf", str(folder), "--data", str(text), "--out", str(tmp_path / "a"),
+    out = tmp_path / "a"
+    code, stdout, _ = _analyze(capsys, "--hf", str(folder), "--data", str(text), "--out", str(out),
                                "--seq-len", "32", "--shuffles", "1", "--dtype", "float32")
-    assert code == 0 and calls == [(str(folder), torch.float32)]
-    assert "router collapse" in stdout
+    assert code == 0
+    data = json.loads((out / ANALYSIS_JSON).read_text())
+    assert len(data["layers"]) == 2 and (out / REPORT_HTML).is_file()
 
 
-def test_hf_folder_without_tokenizer_is_named(tmp_path, capsys, monkeypatch):
-    import moekit.hf
-
-    monkeypatch.setattr(moekit.hf, "load_pretrained", lambda path, dtype=None: None, raising=False)
+def test_hf_folder_without_tokenizer_is_named(tmp_path, capsys):
     code, _, err = _analyze(capsys, "--hf", str(tmp_path), "--out", str(tmp_path / "a"))
     assert code == 2 and "has no tokenizer.json" in err
 

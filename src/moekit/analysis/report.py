@@ -58,15 +58,10 @@ def load_hf_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dty
     dtype: the weights' dtype ("float32", "bfloat16" or a torch.dtype); None leaves the loader's default.
 
     Raises:
-        ValueError: this install has no `moekit.hf.load_pretrained`, or the folder has no tokenizer.json.
+        ValueError: the folder has no tokenizer.json (or is not a loadable checkpoint: `HFCheckpointError`).
     """
-    try:
-        from moekit.hf import load_pretrained
-    except ImportError:
-        raise ValueError(
-            "--hf needs moekit.hf.load_pretrained, which this install of moekit does not have yet; "
-            "use --checkpoint with a moekit run instead"
-        ) from None
+    from moekit.hf import load_pretrained
+
     folder = Path(path)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
