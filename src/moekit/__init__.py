@@ -7,5 +7,14 @@ from moekit.models import MoELM
 __version__ = "0.1.0"
 __all__ = [
     "MoE", "MoEConfig", "MoELM", "MoEStats", "ModelConfig", "collect_stats", "total_aux_loss", "update_biases",
-    "__version__",
+    "load_pretrained", "save_pretrained", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """`moekit.load_pretrained` / `moekit.save_pretrained`: Hugging Face interop, imported on first use."""
+    if name in ("load_pretrained", "save_pretrained"):
+        from moekit import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")
