@@ -18,6 +18,7 @@ ROUTERS = ("topk", "noisy_topk", "deepseek", "expert_choice", "top_p", "hash", "
 SOFTMAX_ORDERS = ("softmax_topk", "topk_softmax")
 SCORE_FUNCS = ("softmax", "sigmoid")
 OVERFLOW_POLICIES = ("drop", "reroute")
+CAPACITY_PRIORITIES = ("position", "score")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 
 
@@ -75,6 +76,9 @@ class MoEConfig:
     # --- capacity ---
     capacity_factor: float | None = None  # None = dropless; else C = ceil(cf * T * K / E) slots per expert
     overflow: str = "drop"  # what happens to slots over capacity: drop (residual carries them) or reroute
+    # which tokens keep their experts when capacity runs out (within each choice rank): position = batch order
+    # (Switch, GShard); score = batch prioritized routing, largest top combine weight first (V-MoE, Riquelme 2021)
+    capacity_priority: str = "position"
     min_capacity: int = 1  # lower bound on C so tiny batches still route (GShard uses 4 in some configs)
 
     # --- load balancing losses (each computed whenever its coefficient is non-zero) ---
@@ -100,6 +104,7 @@ class MoEConfig:
         _choice("softmax_order", self.softmax_order, SOFTMAX_ORDERS)
         _choice("score_func", self.score_func, SCORE_FUNCS)
         _choice("overflow", self.overflow, OVERFLOW_POLICIES)
+        _choice("capacity_priority", self.capacity_priority, CAPACITY_PRIORITIES)
         _choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")

@@ -433,3 +433,51 @@ def test_moe_forward_and_backward_are_bitwise_deterministic(kwargs):
     assert runs[0][2].keys() == runs[1][2].keys() and runs[0][2]
     for name in runs[0][2]:
         assert torch.equal(runs[0][2][name], runs[1][2][name]), name
+
+
+# --- batch prioritized routing (V-MoE): priority="score" ---------------------------------------------------------
+
+
+def test_score_priority_keeps_the_confident_tokens():
+    # three tokens want expert 0 (capacity 1): by position token 0 keeps it, by score the most confident (token 2)
+    route = route_of([[0], [0], [0]], weights=[[0.2], [0.5], [0.9]], num_experts=2)
+    by_position = plan(route, 2, capacity=1, overflow="drop")
+    by_score = plan(route, 2, capacity=1, overflow="drop", priority="score")
+    assert assignment(by_position, 2).tolist() == [[0], [-1], [-1]]
+    assert assignment(by_score, 2).tolist() == [[-1], [-1], [0]]
+    assert int(by_score.dropped) == 2
+    check_plan_is_consistent(by_score, route, 2)
+
+
+def test_score_priority_is_slot_major():
+    # every first choice comes before any second choice, whatever the scores
+    route = route_of([[1, 0], [0, 1]], weights=[[0.9, 0.1], [0.6, 0.4]], num_experts=2)
+    p = plan(route, 2, capacity=1, overflow="drop", priority="score")
+    assert assignment(p, 2).tolist() == [[1, -1], [0, -1]]
+
+
+def test_score_priority_ranks_tokens_without_slots_last():
+    route = route_of([[-1], [0], [0]], weights=[[0.0], [0.3], [0.1]], num_experts=1)
+    p = plan(route, 1, capacity=1, priority="score")
+    assert assignment(p, 1).tolist() == [[-1], [0], [-1]]
+
+
+def test_unknown_priority_is_named():
+    with pytest.raises(ValueError, match="'confidence'.*'position', 'score'"):
+        plan(route_of([[0]], num_experts=1), 1, capacity=1, priority="confidence")
+    with pytest.raises(ValueError, match="capacity_priority 'first'"):
+        MoEConfig(capacity_priority="first")
+
+
+@SETTINGS
+@given(token_choice_cases())
+def test_score_priority_plan_matches_reference_assignment(case):
+    route, E, C, overflow = case
+    p = plan(route, E, C, overflow, priority="score")
+    check_plan_is_consistent(p, route, E)
+    assert bool((p.counts <= C).all())
+    final, dropped, rerouted = reference_assignment(route, E, C, overflow, priority="score")
+    assert assignment(p, E).tolist() == final
+    assert (int(p.dropped), int(p.rerouted)) == (dropped, rerouted)
+    # dropless: the priority changes nothing
+    assert torch.equal(assignment(plan(route, E, None, priority="score"), E), route.indices)

@@ -164,6 +164,21 @@ def test_layer_matches_reference_output_and_gradients(router, activation, capaci
             assert dropped > 0, "the capacity case should actually drop slots"
 
 
+@pytest.mark.parametrize("router", ["topk-softmax_topk-nonorm", "deepseek-sigmoid", "top_p", "hash"])
+@pytest.mark.parametrize("capacity", ["drop", "reroute"])
+def test_batch_prioritized_routing_matches_reference(router, capacity):
+    moe = make_moe(**ROUTER_CASES[router], **CAPACITY_MODES[capacity], capacity_priority="score")
+    x, token_ids = inputs_for(moe, B=3, S=6)
+    y, y_ref, g, g_ref, route, stats = run_fast_and_reference(moe, x, token_ids)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    assert_grads_close(g, g_ref)
+    cap = capacity_of(moe, x.shape[0] * x.shape[1])
+    by_score = reference_assignment(route, E, cap, moe.config.overflow, "score")
+    assert (int(stats.dropped), int(stats.rerouted)) == by_score[1:]
+    if router in ("topk-softmax_topk-nonorm", "deepseek-sigmoid"):  # the case drops slots: the order matters
+        assert by_score[0] != reference_assignment(route, E, cap, moe.config.overflow)[0]
+
+
 def test_expert_choice_cannot_reroute():
     with pytest.raises(ValueError, match="reroute"):
         MoEConfig(router="expert_choice", capacity_factor=1.0, overflow="reroute")

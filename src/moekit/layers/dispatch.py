@@ -9,14 +9,17 @@ K slots with its combine weights in a fixed order, so the output is bit-identica
 (no atomics). Nothing here is O(T*E*D): the costs are one sort of N integers, a gather and a scatter of M rows.
 
 Capacity (GShard, Lepikhin et al. 2020): C = max(min_capacity, ceil(capacity_factor * T * K / E)). Priority is
-slot-major (every token's first choice before any token's second choice), tokens in order within a rank. Positions
-inside an expert are integer ranks from the sort, never float cumsums (bf16 cannot count past 256).
+slot-major (every token's first choice before any token's second choice), tokens in order within a rank
+(priority="position"), or, with V-MoE's batch prioritized routing (priority="score", Riquelme et al. 2021 §4.1),
+tokens ranked by their largest combine weight within a rank, so that confident tokens keep their experts and the
+uncertain ones are dropped first. Positions inside an expert are integer ranks from the sort, never float cumsums
+(bf16 cannot count past 256).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ from torch import Tensor
 from moekit.layers.routing import RouterOutput
 
 OVERFLOW = ("drop", "reroute")
+PRIORITIES = ("position", "score")
 
 
 @dataclass
@@ -86,6 +90,7 @@ def plan(
     num_experts: int,
     capacity: int | None = None,
     overflow: str = "drop",
+    priority: str = "position",
 ) -> DispatchPlan:
     """Group the router's slots by expert.
 
@@ -94,13 +99,19 @@ def plan(
         num_experts: E.
         capacity: slots per expert, or None for dropless. Ignored for expert choice (already filled to C).
         overflow: "drop" or "reroute" (to the token's next-best expert that still has room).
+        priority: which tokens keep their experts when capacity runs out, within each choice rank: "position"
+            (earlier tokens first) or "score" (batch prioritized routing: larger top combine weight first).
     Returns:
         The DispatchPlan.
     """
     if overflow not in OVERFLOW:
         raise ValueError(f"unknown overflow policy {overflow!r}: expected one of {', '.join(map(repr, OVERFLOW))}")
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown capacity priority {priority!r}: expected one of {', '.join(map(repr, PRIORITIES))}")
     if router_output.expert_choice:
         return _plan_expert_choice(router_output, num_experts)
+    if priority == "score" and capacity is not None and router_output.indices.shape[0] > 1:
+        return _plan_by_score(router_output, num_experts, capacity, overflow)
     indices_TK = router_output.indices
     T, K = indices_TK.shape
     device = indices_TK.device
@@ -139,6 +150,31 @@ def plan(
     slot_M = token_M * K + order_M // max(T, 1)
     weights_M = router_output.weights.reshape(-1)[slot_M]
     return DispatchPlan(token_M, slot_M, weights_M, counts, routed_counts, T, K, capacity, dropped, rerouted)
+
+
+def token_priority(router_output: RouterOutput) -> Tensor:
+    """Batch prioritized routing's token order: [T] token indices, largest top combine weight first (ties and
+    tokens without slots keep their position order, the latter last)."""
+    weights_TK = router_output.weights.masked_fill(router_output.indices < 0, -math.inf)
+    return torch.argsort(weights_TK.max(dim=1).values, descending=True, stable=True)
+
+
+def _plan_by_score(router_output: RouterOutput, num_experts: int, capacity: int, overflow: str) -> DispatchPlan:
+    """The positional plan of the tokens reordered by `token_priority`, with its indices mapped back."""
+    order_T = token_priority(router_output)
+    reordered = replace(
+        router_output,
+        weights=router_output.weights[order_T],
+        indices=router_output.indices[order_T],
+        scores=None if router_output.scores is None else router_output.scores[order_T],
+    )
+    p = plan(reordered, num_experts, capacity, overflow, "position")
+    K = p.slots_per_token
+    token_M = order_T[p.token_index]
+    slot_M = token_M * K + p.slot_index % K
+    return DispatchPlan(
+        token_M, slot_M, p.weights, p.counts, p.routed_counts, p.num_tokens, K, capacity, p.dropped, p.rerouted
+    )
 
 
 def _reroute(

@@ -105,7 +105,7 @@ class MoE(nn.Module):
         if self._few_slots(route, capacity, x_TD):
             y_TD, plan = self._forward_few_slots(x_TD, route)
         else:
-            plan = dispatch.plan(route, cfg.num_experts, capacity, cfg.overflow)
+            plan = dispatch.plan(route, cfg.num_experts, capacity, cfg.overflow, cfg.capacity_priority)
             x_MD = dispatch.gather(x_TD, plan)
             if self.expert_parallel is not None:
                 y_MD = self.expert_parallel.run_experts(x_MD, plan.counts, plan.weights)

@@ -17,18 +17,28 @@ from moekit.layers.routing import RouterOutput
 
 
 def reference_assignment(
-    route: RouterOutput, num_experts: int, capacity: int | None, overflow: str
+    route: RouterOutput, num_experts: int, capacity: int | None, overflow: str, priority: str = "position"
 ) -> tuple[list[list[int]], int, int]:
-    """Final expert of each slot ([T][K], -1 = empty or dropped), number dropped, number re-routed."""
+    """Final expert of each slot ([T][K], -1 = empty or dropped), number dropped, number re-routed.
+
+    priority "position": tokens in batch order; "score" (V-MoE's batch prioritized routing): tokens by their
+    largest combine weight, highest first, ties in batch order.
+    """
     T, K = route.indices.shape
     chosen = route.indices.tolist()
     final = [row[:] for row in chosen]
     if capacity is None:
         return final, 0, 0
+    token_order = list(range(T))
+    if priority == "score":
+        weights = route.weights.tolist()
+        top = [max((w for w, e in zip(weights[t], chosen[t]) if e >= 0), default=-math.inf) for t in range(T)]
+        token_order.sort(key=lambda t: (-top[t], t))
+    rank = {t: r for r, t in enumerate(token_order)}
     load = [0] * num_experts
     overflowed = []  # (priority, t, k)
     for k in range(K):  # slot-major priority: all first choices, then all second choices, ...
-        for t in range(T):
+        for t in token_order:
             e = chosen[t][k]
             if e < 0:
                 continue
@@ -36,7 +46,7 @@ def reference_assignment(
                 load[e] += 1
             else:
                 final[t][k] = -1
-                overflowed.append((k * T + t, t, k))
+                overflowed.append((k * T + rank[t], t, k))
     rerouted = 0
     if overflow == "reroute" and overflowed:
         scores = route.scores.tolist()
@@ -72,7 +82,7 @@ def reference_assignment(
                 else:
                     pointer[(t, k)] += 1
                     waiting.append((t, k))
-            pending = sorted(waiting, key=lambda tk: tk[1] * T + tk[0])
+            pending = sorted(waiting, key=lambda tk: tk[1] * T + rank[tk[0]])
     dropped = sum(1 for t in range(T) for k in range(K) if chosen[t][k] >= 0 and final[t][k] < 0)
     return final, dropped, rerouted
 
@@ -108,7 +118,7 @@ def reference_moe(moe: MoE, x: Tensor, route: RouterOutput, mask: Tensor | None 
         if cfg.capacity_factor is not None:
             num_real = T if mask is None else int(mask.sum())
             capacity = max(cfg.min_capacity, math.ceil(cfg.capacity_factor * num_real * cfg.top_k / cfg.num_experts))
-        final, _, _ = reference_assignment(masked, cfg.num_experts, capacity, cfg.overflow)
+        final, _, _ = reference_assignment(masked, cfg.num_experts, capacity, cfg.overflow, cfg.capacity_priority)
         for e in range(cfg.num_experts):  # the per-expert loop of every MoE tutorial
             slots = [(t, k) for t in range(T) for k in range(len(final[t])) if final[t][k] == e]
             if not slots:
