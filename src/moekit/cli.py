@@ -125,6 +125,31 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_vision(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from moekit.train.vision import VisionTrainConfig, train_vision
+
+    presets = ["tiny-vit", "tiny-vmoe"] if args.compare else [args.preset]
+    log = (lambda _: None) if args.json else print
+    options = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),
+                                 ("seed", args.seed), ("eval_every", args.eval_every),
+                                 ("train_images", args.train_images)) if v is not None}
+    results = []
+    for preset in presets:
+        out = None if args.out is None else (f"{args.out}/{preset}" if args.compare else args.out)
+        results.append(train_vision(VisionTrainConfig(preset=preset, out=out, **options), log=log))
+    if args.json:
+        print(json.dumps([{k: v for k, v in asdict(r).items() if k != "history"} for r in results], indent=2))
+        return 0
+    print("\n| model | val accuracy | val loss | active params | total params | seconds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r.preset} | {r.val_accuracy:.3f} | {r.val_loss:.3f} | {r.active_params:,} | {r.params:,} | "
+              f"{r.seconds:.0f} |")
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -163,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_compare(sub)
     _add_analyze(sub)
+    _add_train_vision(sub)
     return parser
 
 
@@ -253,6 +279,30 @@ def _add_compare(sub) -> None:
     cmp.add_argument("--device", choices=("auto", "cpu", "cuda"))
     cmp.add_argument("--json", action="store_true", help="print only the result, as JSON")
     cmp.set_defaults(func=_compare)
+
+
+def _add_train_vision(sub) -> None:
+    from moekit.presets import VISION_PRESETS
+
+    vis = sub.add_parser(
+        "train-vision", help="train a vision MoE (V-MoE) or a ViT on drawn shapes, no download (~2 min)",
+        description="Images from moekit.train.shapes (10 classes of shapes); see moekit.train.vision.VisionTrainConfig "
+        "for every default.",
+    )
+    which = vis.add_mutually_exclusive_group()
+    which.add_argument("--preset", default="tiny-vmoe", choices=sorted(VISION_PRESETS), help="default tiny-vmoe")
+    which.add_argument("--compare", action="store_true", help="train tiny-vit and tiny-vmoe (equal active parameters) "
+                       "with the same images, batches and schedule, and print both")
+    vis.add_argument("--out", help="run directory: model.safetensors, config.json, metrics.jsonl (with --compare, "
+                     "one subdirectory per preset); default: nothing saved")
+    vis.add_argument("--steps", type=_positive, help="optimizer steps (default 300)")
+    vis.add_argument("--batch-size", type=_positive, help="images per step (default 64)")
+    vis.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    vis.add_argument("--eval-every", type=_positive, help="steps between validations (default 100)")
+    vis.add_argument("--train-images", type=_positive, help="training images drawn (default 10000)")
+    vis.add_argument("--seed", type=int, help="seed of initialisation, images and batches (default 0)")
+    vis.add_argument("--json", action="store_true", help="print only the results, as JSON")
+    vis.set_defaults(func=_train_vision)
 
 
 def _add_analyze(sub) -> None:

@@ -2,7 +2,8 @@
 
 `MoEConfig` describes one Mixture-of-Experts layer: every option a paper names has a field here, and the
 defaults are those of the most common modern recipe (Mixtral-style SwiGLU experts, softmax top-2, dropless).
-`ModelConfig` describes a decoder-only language model built from such layers (and dense ones).
+`ModelConfig` describes a decoder-only language model built from such layers (and dense ones); `VisionConfig` a
+vision transformer with MoE layers (V-MoE).
 """
 
 from __future__ import annotations
@@ -400,4 +401,75 @@ class ModelConfig:
             data["moe"] = MoEConfig.from_dict(data["moe"])
         if isinstance(data.get("mla"), dict):
             data["mla"] = MLAConfig.from_dict(data["mla"])
+        return cls(**data)
+
+
+POOLINGS = ("cls", "mean")
+
+
+@dataclass
+class VisionConfig:
+    """A vision transformer whose feed-forward blocks are MoE layers on some layers (V-MoE, Riquelme et al. 2021).
+
+    Images are cut into patch_size x patch_size patches, each linearly embedded (a strided convolution), a class
+    token prepended (pool="cls") and learned position embeddings added (ViT, Dosovitskiy et al. 2021); pre-norm
+    blocks with bidirectional attention follow. Layer i is MoE when `moe` is set and i % moe_every == moe_every - 1
+    (V-MoE's "every other layer": 1, 3, 5, ...).
+    """
+
+    image_size: int = 32  # square images, image_size x image_size pixels
+    patch_size: int = 4  # divides image_size; (image_size / patch_size)^2 patch tokens
+    channels: int = 3
+    num_classes: int = 10
+    d_model: int = 192
+    n_layers: int = 6
+    n_heads: int = 3
+    dense_d_ff: int = 768  # hidden width of the dense GELU MLPs (ViT: 4 * d_model)
+    moe: MoEConfig | None = None  # the MoE layer config; None = a dense ViT
+    moe_every: int = 2  # MoE on layers moe_every-1, 2*moe_every-1, ... (V-MoE: every other layer)
+    pool: str = "cls"  # "cls": classify the class token (ViT); "mean": average the patch tokens
+    norm_eps: float = 1e-6  # LayerNorm epsilon (ViT)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        for name in ("image_size", "patch_size", "channels", "num_classes", "d_model", "n_layers", "n_heads",
+                     "dense_d_ff", "moe_every"):
+            _positive_int(name, getattr(self, name))
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        _choice("pool", self.pool, POOLINGS)
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                raise ValueError(f"moe must be a MoEConfig, a dict of its fields, or None; got {type(self.moe).__name__}")
+            if self.moe.d_model != self.d_model:
+                raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
+            if self.moe.router == "hash":
+                raise ValueError("the hash router needs token ids; image patches have none: choose another router")
+            if self.moe.seq_aux_loss_coef:
+                raise ValueError("seq_aux_loss_coef (DeepSeek-V3's sequence-wise loss) is for language models")
+        for name in ("norm_eps", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer % self.moe_every == self.moe_every - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VisionConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown VisionConfig field(s) {unknown}: expected a subset of {sorted(known)}")
         return cls(**data)

@@ -18,7 +18,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from moekit.config import ModelConfig, MoEConfig
+from moekit.config import ModelConfig, MoEConfig, VisionConfig
 
 
 def _alternating_sliding(num_layers: int) -> list[str]:
@@ -481,3 +481,36 @@ def get_preset(name: str) -> ModelConfig | dict[str, Any]:
         f"unknown preset {name!r}: expected one of {', '.join(list_presets())} (tiny models) or "
         f"{', '.join(sorted(PRESETS))} (famous models, as config dicts)"
     )
+
+
+# --- vision: a ViT and its V-MoE twin, small enough to train on 2 CPU cores (moekit train-vision) -----------------
+# 32x32 images in 4x4 patches (64 patch tokens + a class token), 6 pre-norm blocks of width 128. The V-MoE
+# (Riquelme et al. 2021) replaces the MLP of every other block (layers 1, 3, 5) by 8 GELU experts of half the
+# dense width with top-2 routing (softmax over all experts, the probabilities as combine weights), capacity
+# factor 1.05 with batch prioritized routing, and the importance + load losses; so each token uses the same
+# expert parameters as the dense MLP it replaces (active parameters equal but for the routers).
+_TINY_VIT = dict(image_size=32, patch_size=4, channels=3, num_classes=10, d_model=128, n_layers=6, n_heads=4,
+                 dense_d_ff=512)
+
+VISION_PRESETS: dict[str, VisionConfig] = {
+    "tiny-vit": VisionConfig(**_TINY_VIT),
+    "tiny-vmoe": VisionConfig(
+        **_TINY_VIT,
+        moe=MoEConfig(
+            d_model=128, d_ff=256, num_experts=8, top_k=2, activation="gelu", expert_bias=True, router="topk",
+            softmax_order="softmax_topk", norm_topk_prob=False, capacity_factor=1.05, capacity_priority="score",
+            cv2_loss_coef=0.01,
+        ),
+    ),
+}
+
+
+def get_vision_preset(name: str) -> VisionConfig:
+    """A fresh copy of a named vision preset.
+
+    Raises:
+        ValueError: unknown name; the message lists the vision presets.
+    """
+    if name not in VISION_PRESETS:
+        raise ValueError(f"unknown vision preset {name!r}: expected one of {', '.join(sorted(VISION_PRESETS))}")
+    return copy.deepcopy(VISION_PRESETS[name])
