@@ -42,6 +42,7 @@ FAMILY_MODULES = {  # model_type -> module
     "deepseek_v3": "moekit.hf.deepseek_v3",
     "granitemoe": "moekit.hf.granitemoe",
     "granitemoeshared": "moekit.hf.granitemoeshared",
+    "dbrx": "moekit.hf.dbrx",
 }
 
 
