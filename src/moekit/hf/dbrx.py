@@ -19,8 +19,8 @@ model was trained with). transformers 5.24 ignores it: its rotary embedding read
 which a released file lacks, so it runs the release with the default theta 10000 (and it cannot build a model
 whose attn_config lacks rope_theta: DbrxAttention reads the attribute). moekit reads `attn_config.rope_theta` when
 present, else `rope_parameters.rope_theta` (a file in transformers 5's spelling), else 10000; it writes both, equal,
-so transformers runs an exported model with the theta moekit used. A folder transformers 5.24 wrote from the release (attn_config
-500000, rope_parameters 10000) therefore loads with 500000, as DBRX's reference code runs it.
+so transformers runs an exported model with the theta moekit used. A folder transformers 5.24 wrote from the release
+(attn_config 500000, rope_parameters 10000) therefore loads with 500000, as DBRX's reference code runs it.
 """
 
 from __future__ import annotations
