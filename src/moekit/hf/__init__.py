@@ -43,6 +43,7 @@ FAMILY_MODULES = {  # model_type -> module
     "granitemoe": "moekit.hf.granitemoe",
     "granitemoeshared": "moekit.hf.granitemoeshared",
     "dbrx": "moekit.hf.dbrx",
+    "phimoe": "moekit.hf.phimoe",
 }
 
 
