@@ -394,6 +394,16 @@ def test_cli_text_report_and_published_table(capsys):
     assert "| mixtral-8x7b" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["granitemoe", "granitemoeshared", "dbrx", "phimoe"])
+def test_cli_params_reads_a_folder_transformers_wrote(name, tmp_path, capsys):
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TINY_CONFIGS[name]))
+    hf.save_pretrained(tmp_path)
+    assert main(["params", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model_type"] == name and data["total_params"] == sum(p.numel() for p in hf.parameters())
+
+
 def test_cli_error_is_one_line_and_exit_code_2(capsys):
     assert main(["params", "no-such-model"]) == 2
     err = capsys.readouterr().err
