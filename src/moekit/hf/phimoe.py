@@ -16,7 +16,9 @@ LongRoPE past `original_max_position_embeddings` (4096 in the release), a delibe
 a sequence that long runs, in moekit, entirely with the long factors and long_mscale (ModelConfig's second RoPE table;
 Microsoft's Phi-3.5-MoE reference code and transformers' Phi-3 do the same switch). transformers 5.24's
 PhimoeRotaryEmbedding recomputes the frequencies without the sequence length on every call, so it keeps the short
-factors and switches only the mscale. Up to that length the two agree exactly (tested); beyond it they differ.
+factors and switches only the mscale. Up to that length the two agree exactly (tested); beyond it they differ. When
+decoding with the KV cache across that length, keys cached before the switch keep their short-factor rotation (as in
+the reference code and transformers' Phi-3).
 
 Released checkpoints store experts apart (`block_sparse_moe.experts.{j}.w1/w3/w2`, router `block_sparse_moe.gate`);
 transformers 5 fuses them in memory (`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F], `mlp.router`)
