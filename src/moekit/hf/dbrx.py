@@ -64,8 +64,7 @@ def config_from_hf(c: HFConfig) -> ModelConfig:
         raise HFCheckpointError("dbrx with tie_word_embeddings=true is not supported (nor by transformers' DbrxConfig)")
     _, scaling = rope_from_hf(c)
     d_model, heads = c.req("d_model", "hidden_size"), c.req("n_heads", "num_attention_heads")
-    key = "moe_normalize_expert_weights"  # an explicit null: no renormalisation; absent: transformers' default 1.0
-    p = ffn.data[key] if key in ffn.data else 1.0
+    p = ffn.data.get("moe_normalize_expert_weights", 1.0)  # null: no renormalisation; absent: transformers' 1.0
     try:
         moe = MoEConfig(
             d_model=d_model, d_ff=ffn.req("ffn_hidden_size"), num_experts=ffn.req("moe_num_experts"),
