@@ -22,7 +22,8 @@ Methodology:
   - float32, the model's threads (override --threads); candidates interleaved round-robin, order rotating, after
     warm-up rounds; medians. Load average at start and end is printed (the machine may be shared).
 
-Usage: python benchmarks/bench_hf.py [--family olmoe|mixtral|qwen3_moe|qwen2_moe|deepseek_v3|gpt_oss]
+Usage: python benchmarks/bench_hf.py [--family olmoe|mixtral|qwen3_moe|qwen2_moe|deepseek_v3|gpt_oss|granitemoe|
+       phimoe|dbrx]
        [--prefill 512] [--new-tokens 32] [--repeats 7] [--threads N] [--json out.json]
 """
 
@@ -64,7 +65,22 @@ FAMILIES = {  # model_type -> (transformers classes, config kwargs): released sh
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 dict(COMMON, intermediate_size=256, num_local_experts=32, num_experts_per_tok=4, head_dim=64,
                      sliding_window=128)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(COMMON, intermediate_size=128, num_local_experts=40, num_experts_per_tok=8,
+                        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1 / 64,
+                        logits_scaling=6.0, tie_word_embeddings=True)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               dict(COMMON, intermediate_size=512, num_local_experts=16, num_experts_per_tok=2, attention_bias=True,
+                    lm_head_bias=True)),
+    "dbrx": ("DbrxConfig", "DbrxForCausalLM",
+             dict(vocab_size=8192, d_model=512, n_layers=4, n_heads=8, max_seq_len=2048,
+                  attn_config={"kv_n_heads": 4, "clip_qkv": 8.0, "rope_theta": 500000.0},
+                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0},  # where transformers reads it
+                  ffn_config={"ffn_hidden_size": 512, "moe_num_experts": 16, "moe_top_k": 4})),
 }  # fmt: skip
+
+
+LOOP_ONLY = {"dbrx"}  # transformers' DBRX has one experts implementation (a loop): compared as hf_eager only
 
 
 def build_folder(family: str, folder: Path) -> None:
@@ -79,8 +95,9 @@ def build_folder(family: str, folder: Path) -> None:
 def load_hf(folder: Path, family: str, impl: str):
     import transformers
 
+    experts = {} if family in LOOP_ONLY else {"experts_implementation": impl}
     model = getattr(transformers, FAMILIES[family][1]).from_pretrained(
-        folder, dtype=torch.float32, experts_implementation=impl, attn_implementation="sdpa"
+        folder, dtype=torch.float32, attn_implementation="sdpa", **experts
     )
     return model.eval()
 
@@ -123,8 +140,9 @@ def main() -> None:
         folder = Path(tmp)
         build_folder(args.family, folder)
         models = {"moekit": mhf.load_pretrained(folder, dtype=torch.float32)}
-        models["hf_grouped"] = load_hf(folder, args.family, "grouped_mm")
-        if not args.skip_eager:
+        if args.family not in LOOP_ONLY:
+            models["hf_grouped"] = load_hf(folder, args.family, "grouped_mm")
+        if not args.skip_eager or args.family in LOOP_ONLY:
             models["hf_eager"] = load_hf(folder, args.family, "eager")
     vocab = models["moekit"].config.vocab_size
     ids = torch.randint(0, vocab, (1, args.prefill), generator=torch.Generator().manual_seed(1))

@@ -67,7 +67,8 @@ def test_capacity_factor_accepts_none_and_positive_numbers(good):
 
 
 @pytest.mark.parametrize(
-    "field", ["aux_loss_coef", "cv2_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "noise_eps", "bias_update_rate"]
+    "field", ["aux_loss_coef", "cv2_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "noise_eps", "bias_update_rate",
+              "sparsemixer_eps", "input_jitter_eps"]
 )
 @pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf")])
 def test_negative_or_non_finite_coefficients_are_rejected_naming_them(field, bad):
@@ -122,7 +123,18 @@ def test_bias_update_rate_needs_a_selection_bias():
     assert MoEConfig(bias_update_rate=1e-3, selection_bias=True).bias_update_rate == 1e-3
 
 
-@pytest.mark.parametrize("router", ["hash", "expert_choice"])
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "2", True])
+def test_topk_norm_p_must_be_a_positive_number(bad):
+    with pytest.raises(ValueError, match=re.escape(f"topk_norm_p must be a finite number > 0, got {bad!r}")):
+        MoEConfig(topk_norm_p=bad)
+
+
+def test_input_jitter_must_keep_the_factor_positive():
+    with pytest.raises(ValueError, match="input_jitter_eps must be < 1"):
+        MoEConfig(input_jitter_eps=1.0)
+
+
+@pytest.mark.parametrize("router", ["hash", "expert_choice", "sparsemixer"])
 def test_selection_bias_is_refused_where_it_cannot_act(router):
     with pytest.raises(ValueError, match=router):
         MoEConfig(router=router, selection_bias=True)

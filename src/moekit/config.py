@@ -15,12 +15,13 @@ from typing import Any
 ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu", "swiglu_oai")
 GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_oai")
 QK_NORMS = ("head", "proj")
-ROUTERS = ("topk", "noisy_topk", "deepseek", "expert_choice", "top_p", "hash", "hierarchical")
+ROUTERS = ("topk", "noisy_topk", "deepseek", "expert_choice", "top_p", "hash", "hierarchical", "sparsemixer")
 SOFTMAX_ORDERS = ("softmax_topk", "topk_softmax")
 SCORE_FUNCS = ("softmax", "sigmoid")
 OVERFLOW_POLICIES = ("drop", "reroute")
 CAPACITY_PRIORITIES = ("position", "score")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+NORMS = ("rmsnorm", "layernorm")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -63,6 +64,8 @@ class MoEConfig:
     router: str = "topk"  # one of ROUTERS
     softmax_order: str = "softmax_topk"  # softmax over all E then top-k (Switch/Qwen/OLMoE) or top-k then softmax (Mixtral)
     norm_topk_prob: bool = True  # renormalise the k selected weights to sum to 1 (Mixtral, Qwen3; not Switch/OLMoE)
+    topk_norm_p: float = 1.0  # norm_topk_prob divides by the k weights' p-norm: 1 = their sum; DBRX names p in
+    #   moe_normalize_expert_weights (1 in the release)
     router_bias: bool = False  # a learned bias in the router projection (GPT-OSS)
     score_func: str = "softmax"  # deepseek router: sigmoid (V3) or softmax (V2) expert affinities
     n_group: int = 1  # deepseek/hierarchical: experts split into this many groups (devices/nodes in DeepSeek)
@@ -73,6 +76,10 @@ class MoEConfig:
     hash_seed: int = 0  # hash router: seed of the fixed token-id -> expert hash
     selection_bias: bool = False  # per-expert bias added to scores only to choose experts (aux-loss-free balancing)
     bias_update_rate: float = 0.0  # gamma of the aux-loss-free update b_i += gamma*sign(mean_load - load_i); 0 = off
+    sparsemixer_eps: float = 0.01  # sparsemixer router (PhiMoE's router_jitter_noise): a round's softmax keeps only
+    #   experts whose logit is within a relative gap of 2 * eps of that round's best (Liu et al. 2024, SparseMixer)
+    input_jitter_eps: float = 0.0  # training only: the router's input times U(1 - eps, 1 + eps) per element
+    #   (Switch Transformer's multiplicative jitter; DBRX moe_jitter_eps, PhiMoE input_jitter_noise); 0 = off
 
     # --- capacity ---
     capacity_factor: float | None = None  # None = dropless; else C = ceil(cf * T * K / E) slots per expert
@@ -148,8 +155,18 @@ class MoEConfig:
             _positive_int("shared_d_ff", self.shared_d_ff)
         if self.bias_update_rate > 0 and not self.selection_bias:
             raise ValueError("bias_update_rate > 0 needs selection_bias=True (the bias it updates)")
-        if self.selection_bias and self.router in ("hash", "expert_choice"):
+        if self.selection_bias and self.router in ("hash", "expert_choice", "sparsemixer"):
             raise ValueError(f"selection_bias has no effect on the {self.router!r} router")
+        p = self.topk_norm_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+            raise ValueError(f"topk_norm_p must be a finite number > 0, got {p!r}")
+        _non_negative("sparsemixer_eps", self.sparsemixer_eps)
+        _non_negative("input_jitter_eps", self.input_jitter_eps)
+        if self.input_jitter_eps >= 1:
+            got = self.input_jitter_eps
+            raise ValueError(f"input_jitter_eps must be < 1 (the jitter factor stays positive), got {got!r}")
+        if self.router == "sparsemixer" and self.top_k != 2:
+            raise ValueError(f"the sparsemixer router picks exactly 2 experts per token, got top_k={self.top_k}")
 
     @property
     def gated(self) -> bool:
@@ -172,6 +189,7 @@ ROPE_TYPES = {  # rope_scaling["rope_type"] -> the keys it needs (HF spelling)
     "linear": ("factor",),
     "yarn": ("factor", "original_max_position_embeddings"),
     "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
 }
 
 
@@ -184,6 +202,21 @@ def _check_rope_scaling(scaling: Any) -> None:
     missing = [key for key in ROPE_TYPES[kind] if scaling.get(key) is None]
     if missing:
         raise ValueError(f"rope_scaling {scaling} (type {kind!r}) lacks {missing}")
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            factors = scaling[key]
+            if not isinstance(factors, (list, tuple)) or not factors or any(
+                isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in factors
+            ):
+                raise ValueError(f"rope_scaling {key} must be a non-empty list of numbers > 0, got {factors!r}")
+        if len(scaling["short_factor"]) != len(scaling["long_factor"]):
+            raise ValueError("rope_scaling short_factor and long_factor must have the same length (head_dim / 2)")
+        has_mscales = scaling.get("short_mscale") is not None and scaling.get("long_mscale") is not None
+        if not has_mscales and scaling.get("attention_factor") is None and scaling.get("factor") is None:
+            raise ValueError(
+                "longrope rope_scaling needs its attention factor: short_mscale and long_mscale (PhiMoE), "
+                "attention_factor, or factor (max_position_embeddings / original_max_position_embeddings)"
+            )
 
 
 @dataclass
@@ -246,9 +279,11 @@ class ModelConfig:
     head_dim: int | None = None  # None = d_model // n_heads; must be even (RoPE rotates pairs of dimensions)
     max_seq_len: int = 256  # longest context: the RoPE table and the largest KV cache
     rope_theta: float = 10000.0  # RoPE base (Su et al. 2021); Mixtral uses 1e6 for long contexts
-    rope_scaling: dict | None = None  # long-context RoPE: HF-style dict, rope_type default/linear/yarn/llama3 (see
-    #   moekit.layers.attention.rope_frequencies); None = plain RoPE
-    norm_eps: float = 1e-5  # RMSNorm epsilon (Zhang & Sennrich 2019), as Llama/Mixtral
+    rope_scaling: dict | None = None  # long-context RoPE: HF-style dict, rope_type default/linear/yarn/llama3/longrope
+    #   (see moekit.layers.attention.rope_frequencies); None = plain RoPE
+    norm_eps: float = 1e-5  # epsilon of the block and final norms (RMSNorm: Zhang & Sennrich 2019, as Llama/Mixtral)
+    norm: str = "rmsnorm"  # "rmsnorm", or "layernorm" (mean subtracted, Ba et al. 2016: DBRX, PhiMoE)
+    norm_bias: bool = False  # the LayerNorms have a bias too (PhiMoE; DBRX's have none); needs norm="layernorm"
     mla: MLAConfig | None = None  # multi-head latent attention (DeepSeek-V2/V3) instead of GQA; n_kv_heads and
     #   head_dim are then unused, and RoPE rotates only mla.qk_rope_head_dim dims
 
@@ -274,6 +309,14 @@ class ModelConfig:
 
     # --- embeddings and init ---
     tie_embeddings: bool = False  # share the token embedding with the output head (Press & Wolf 2017)
+    lm_head_bias: bool = False  # a bias on the output head (PhiMoE)
+
+    # --- scaling constants (muP-style, Granite: Yang et al. 2022); the defaults change nothing ---
+    embedding_multiplier: float = 1.0  # token embeddings are multiplied by this (Granite-3.0: 12)
+    residual_multiplier: float = 1.0  # each attention / FFN output is multiplied by this before the residual add
+    #   (Granite-3.0: 0.22)
+    attention_multiplier: float | None = None  # the softmax scale of q.k; None = 1/sqrt(head_dim) (Granite: 1/64)
+    logits_scaling: float = 1.0  # the output logits are divided by this (Granite-3.0: 6)
     init_std: float = 0.02  # std of the normal init of every weight matrix (GPT-2); output projections / sqrt(2L)
 
     def __post_init__(self) -> None:
@@ -296,12 +339,22 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_size} must be even (RoPE rotates pairs of dimensions)")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads} (GQA groups)")
-        for name in ("rope_theta", "norm_eps", "init_std"):
+        for name in ("rope_theta", "norm_eps", "init_std", "embedding_multiplier", "residual_multiplier",
+                     "logits_scaling"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
+        _choice("norm", self.norm, NORMS)
+        if self.norm_bias is True and self.norm != "layernorm":
+            raise ValueError(f"norm_bias=True needs norm='layernorm' (an RMSNorm has no bias), got norm={self.norm!r}")
+        a = self.attention_multiplier
+        if a is not None:
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
+                raise ValueError(f"attention_multiplier must be None or a finite number > 0, got {a!r}")
+            if self.mla is not None:
+                raise ValueError("attention_multiplier is not supported with mla (MLA sets its own softmax scale)")
         k = self.first_k_dense
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.n_layers:
             raise ValueError(f"first_k_dense must be an integer in [0, n_layers={self.n_layers}], got {k!r}")
@@ -324,7 +377,7 @@ class ModelConfig:
                     f"(got {self.first_k_dense} and {self.moe_every})"
                 )
             self.dense_layers = self._layer_list("dense_layers", self.dense_layers)
-        for name in ("qkv_bias", "o_bias", "attn_sinks"):
+        for name in ("qkv_bias", "o_bias", "attn_sinks", "norm_bias", "lm_head_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.tie_embeddings, bool):

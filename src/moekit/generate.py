@@ -118,7 +118,7 @@ def generate(
     """Continue each prompt of a batch, reusing the KV cache (in eval mode, under torch.inference_mode).
 
     Args:
-        model: an `MoELM` (anything with `config.max_seq_len`, `new_cache`, `hidden_states` and `lm_head`).
+        model: an `MoELM` (anything with `config.max_seq_len`, `new_cache`, `hidden_states` and `logits`).
         input_ids: [B, S] prompt token ids (all prompts the same length: no padding).
         max_new_tokens: tokens to add; S + max_new_tokens must be <= model.config.max_seq_len.
         temperature: softmax temperature; 0 means greedy.
@@ -165,7 +165,7 @@ def generate_timed(
             tokens_BT = input_ids.new_empty(B, S + max_new_tokens)
             tokens_BT[:, :S] = input_ids
             finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-            logits_BV = model.lm_head(model.hidden_states(input_ids, cache=cache, start_pos=0)[:, -1])
+            logits_BV = model.logits(model.hidden_states(input_ids, cache=cache, start_pos=0)[:, -1])
             prefill_seconds, n = None, 0
             for n in range(1, max_new_tokens + 1):
                 next_B = sample_next(logits_BV, temperature, top_k, top_p, greedy, generator)
@@ -181,7 +181,7 @@ def generate_timed(
                 if n == max_new_tokens or (eos_id is not None and bool(finished_B.all())):
                     break
                 hidden_B1D = model.hidden_states(next_B[:, None], cache=cache, start_pos=S + n - 1)
-                logits_BV = model.lm_head(hidden_B1D[:, -1])
+                logits_BV = model.logits(hidden_B1D[:, -1])
             decode_seconds = time.perf_counter() - start if max_new_tokens > 1 else 0.0
     finally:
         model.train(was_training)

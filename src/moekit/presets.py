@@ -321,6 +321,61 @@ PRESETS: dict[str, dict[str, Any]] = {
         "torch_dtype": "bfloat16",
         "quantization_config": {"quant_method": "mxfp4"},
     },
+    "granite-3.0-3b-a800m": {
+        "source": "ibm-granite/granite-3.0-3b-a800m-base config.json (the instruct model's is the same): 32 layers "
+        "of d_model 1536, 24 query heads of 64 and 8 key/value heads, 40 SwiGLU experts of 512, top-8, embedding "
+        "tied to the head; muP constants: embeddings x12, sub-layer outputs x0.22, attention scale 1/64, logits / 6",
+        "model_type": "granitemoe",
+        "architectures": ["GraniteMoeForCausalLM"],
+        "vocab_size": 49155,
+        "hidden_size": 1536,
+        "intermediate_size": 512,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "num_local_experts": 40,
+        "num_experts_per_tok": 8,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "embedding_multiplier": 12.0,
+        "residual_multiplier": 0.22,
+        "attention_multiplier": 0.015625,
+        "logits_scaling": 6.0,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    },
+    "phi-3.5-moe": {
+        "source": "microsoft/Phi-3.5-MoE-instruct config.json: 32 layers of d_model 4096, 32 query heads of 128 and "
+        "8 key/value heads, 16 SwiGLU experts of 6400 routed 2 per token by sparsemixer, LayerNorms, attention and "
+        "head biases. Its RoPE is longrope (original context 4096, short/long mscale 1.2432) with two lists of 64 "
+        "factors that are not reproduced here: they change no count, and a runnable model should come from the "
+        "release's own config.json (without them this preset is plain RoPE, theta 10000)",
+        "model_type": "phimoe",
+        "architectures": ["PhimoeForCausalLM"],
+        "vocab_size": 32064,
+        "hidden_size": 4096,
+        "intermediate_size": 6400,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 16,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 131072,
+        "rope_theta": 10000.0,
+        "sliding_window": 131072,
+        "attention_bias": True,
+        "lm_head_bias": True,
+        "router_jitter_noise": 0.01,
+        "input_jitter_noise": 0.01,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
     "switch-base-128": {
         "source": "google/switch-base-128 config.json: T5-Base encoder-decoder (12+12 layers), every other FFN "
         "a 128-expert top-1 Switch layer, ReLU experts, embedding shared with the output head",
@@ -395,6 +450,14 @@ PUBLISHED: dict[str, Published] = {
     "olmoe-1b-7b": Published("6.9B", "1.3B", "all", "OLMoE paper (arXiv:2409.02060)"),
     "gpt-oss-20b": Published("20.91B", "3.61B", "excl_embedding", "gpt-oss model card (OpenAI 2025), Table 1"),
     "gpt-oss-120b": Published("116.83B", "5.13B", "excl_embedding", "gpt-oss model card (OpenAI 2025), Table 1"),
+    # IBM prints "800M" active, a one-significant-figure value written here as 0.8B so that it is compared at its
+    # own precision: 807.4M without the (tied) embedding matrix, Kaplan's non-embedding count (882.9M with it).
+    "granite-3.0-3b-a800m": Published(
+        "3.3B", "0.8B", "excl_embedding_and_head", "IBM Granite 3.0 model card, architecture table (3.3B / 800M)"
+    ),
+    "phi-3.5-moe": Published(
+        "41.9B", "6.6B", "all", "microsoft/Phi-3.5-MoE-instruct model card (6.6B active) and Hub page (41.9B params)"
+    ),
     "switch-base-128": Published("7B", None, "all", "Switch Transformers paper (arXiv:2101.03961), Table 9"),
     "glam-64e": Published("1.2T", "96.6B", "all", "GLaM paper (arXiv:2112.06905), Table 4"),
 }

@@ -170,6 +170,19 @@ def test_mixtral_8x7b_reproduces_46_7b_total_and_12_9b_active():
     assert round(report.active_params / 1e9, 1) == 12.9
 
 
+def test_phi_3_5_moe_reproduces_41_9b_total_and_6_6b_active():
+    report = analyze("phi-3.5-moe")
+    assert round(report.total_params / 1e9, 1) == 41.9 and round(report.active_params / 1e9, 1) == 6.6
+    # LayerNorm biases (2 per layer + final), attention biases and the head's bias are counted: transformers' count
+    assert report.breakdown["norms"]["total"] == (2 * 32 + 1) * 2 * 4096
+
+
+def test_granite_3_0_3b_a800m_reproduces_3_3b_total_and_800m_active_without_embedding():
+    report = analyze("granite-3.0-3b-a800m")
+    assert round(report.total_params / 1e9, 1) == 3.3
+    assert round(report.active_params_excl_embedding_and_head / 1e8) == 8  # 807M; 883M with the tied embedding
+
+
 def test_deepseek_v3_reproduces_671b_total_and_37b_active_without_mtp():
     report = analyze("deepseek-v3")
     assert round(report.total_params / 1e9) == 671
@@ -334,7 +347,8 @@ def test_missing_key_without_a_default_is_named():
         analyze(config)
 
 
-@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-20b", "switch-base-128"])
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-20b", "switch-base-128",
+                                  "granite-3.0-3b-a800m", "phi-3.5-moe"])
 def test_a_config_saved_by_transformers_5_reads_like_the_release(name, tmp_path):
     config = {k: v for k, v in get_preset(name).items() if k not in ("source", "quantization_config")}
     transformers.AutoConfig.for_model(**config).save_pretrained(tmp_path)  # the newer spelling, as written today
@@ -378,6 +392,16 @@ def test_cli_text_report_and_published_table(capsys):
     assert "671,026,404,352" in out and "context 8,192 x batch 2" in out
     assert main(["params", "--published"]) == 0
     assert "| mixtral-8x7b" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["granitemoe", "granitemoeshared", "dbrx", "phimoe"])
+def test_cli_params_reads_a_folder_transformers_wrote(name, tmp_path, capsys):
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TINY_CONFIGS[name]))
+    hf.save_pretrained(tmp_path)
+    assert main(["params", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model_type"] == name and data["total_params"] == sum(p.numel() for p in hf.parameters())
 
 
 def test_cli_error_is_one_line_and_exit_code_2(capsys):

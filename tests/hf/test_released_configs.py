@@ -28,7 +28,9 @@ def test_released_config_builds_a_model_with_the_analysed_parameter_counts(name)
 
 
 def test_every_new_family_has_a_released_config():
-    assert {PRESETS[n]["model_type"] for n in RELEASED} >= {"qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
+    assert {PRESETS[n]["model_type"] for n in RELEASED} >= {
+        "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "dbrx", "phimoe",
+    }  # fmt: skip
 
 
 def test_released_layer_placement_and_windows():
@@ -42,6 +44,16 @@ def test_released_layer_placement_and_windows():
     assert qwen2.qkv_bias and not qwen2.o_bias and qwen2.moe.shared_expert_gate and not qwen2.moe.norm_topk_prob
     olmoe = mhf.config_from_hf(PRESETS["olmoe-1b-7b"])
     assert olmoe.qk_norm == "proj" and olmoe.clip_qkv is None and not olmoe.moe.norm_topk_prob
+    granite = mhf.config_from_hf(PRESETS["granite-3.0-3b-a800m"])
+    assert (granite.embedding_multiplier, granite.residual_multiplier, granite.attention_multiplier,
+            granite.logits_scaling) == (12.0, 0.22, 1 / 64, 6.0)  # fmt: skip
+    assert granite.tie_embeddings and granite.moe.softmax_order == "topk_softmax" and granite.moe.top_k == 8
+    dbrx = mhf.config_from_hf(PRESETS["dbrx"])
+    assert dbrx.rope_theta == 500000 and dbrx.clip_qkv == 8 and dbrx.norm == "layernorm" and not dbrx.norm_bias
+    assert dbrx.kv_heads == 8 and dbrx.moe.norm_topk_prob and dbrx.moe.topk_norm_p == 1.0 and dbrx.moe.top_k == 4
+    phi = mhf.config_from_hf(PRESETS["phi-3.5-moe"])
+    assert phi.norm == "layernorm" and phi.norm_bias and phi.lm_head_bias and phi.qkv_bias and phi.o_bias
+    assert phi.moe.router == "sparsemixer" and phi.moe.sparsemixer_eps == 0.01 and phi.sliding_window == 131072
 
 
 @pytest.mark.parametrize(
@@ -54,6 +66,9 @@ def test_released_layer_placement_and_windows():
         ("qwen3-30b-a3b", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
         ("olmoe-1b-7b", {"head_dim": 64}, "head_dim=64"),
         ("gpt-oss-120b", {"num_hidden_layers": 5, "quantization_config": None}, "36 layer_types for 5 layers"),
+        ("granite-3.0-3b-a800m", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ("phi-3.5-moe", {"num_experts_per_tok": 1}, "num_experts_per_tok=1"),
+        ("dbrx", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ],
 )
 def test_options_moekit_cannot_express_are_refused_by_name(name, change, match):
@@ -71,6 +86,9 @@ PLACEMENT_VARIANTS = [
     ("gpt-oss-120b", {"num_hidden_layers": 3,
                       "layer_types": ["full_attention", "sliding_attention", "full_attention"]}),
     ("mixtral-8x7b", {"num_hidden_layers": 2, "sliding_window": 64}),
+    ("phi-3.5-moe", {"num_hidden_layers": 2, "sliding_window": 64}),
+    ("granite-3.0-3b-a800m", {"num_hidden_layers": 3}),
+    ("dbrx", {"n_layers": 3}),
 ]  # fmt: skip
 
 

@@ -34,6 +34,39 @@ def test_rope_frequencies_match_transformers(scaling, head_dim):
     assert got_factor == pytest.approx(want_factor, rel=1e-12)
 
 
+def _longrope(head_dim: int, **extra) -> dict:
+    half = head_dim // 2
+    return {"rope_type": "longrope", "original_max_position_embeddings": 4096,
+            "short_factor": [1.0 + 0.01 * i for i in range(half)], "long_factor": [1.0 + 0.5 * i for i in range(half)],
+            **extra}  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [{"factor": 32.0}, {"attention_factor": 1.3}], ids=str)
+@pytest.mark.parametrize("seq_len", [None, 4096, 4097, 131072])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_longrope_frequencies_match_transformers_short_and_long(extra, seq_len, head_dim):
+    theta, scaling = 10000.0, _longrope(head_dim, **extra)
+    hf_config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
+                            max_position_embeddings=131072, rope_parameters={"rope_theta": theta, **scaling})
+    want_freq, want_factor = ROPE_INIT_FUNCTIONS["longrope"](hf_config, "cpu", seq_len=seq_len)
+    got_freq, got_factor = rope_frequencies(head_dim, theta, scaling, seq_len=seq_len)
+    torch.testing.assert_close(got_freq, want_freq.float(), rtol=0, atol=0)
+    assert got_factor == pytest.approx(want_factor, rel=1e-12)
+    short_freq, _ = rope_frequencies(head_dim, theta, scaling)
+    assert (seq_len is not None and seq_len > 4096) == bool((got_freq != short_freq).any())
+
+
+def test_longrope_with_phimoe_mscales_uses_the_short_or_long_one():
+    scaling = _longrope(64, short_mscale=1.1, long_mscale=1.7, factor=32.0)
+    assert rope_frequencies(64, 1e4, scaling)[1] == 1.1
+    assert rope_frequencies(64, 1e4, scaling, seq_len=4097)[1] == 1.7
+
+
+def test_longrope_factors_must_cover_half_the_head():
+    with pytest.raises(ValueError, match="longrope needs head_dim / 2 = 32 factors, got 16"):
+        rope_frequencies(64, 1e4, _longrope(32, factor=2.0))
+
+
 def test_rope_tables_carry_the_attention_factor():
     scaling = SCALINGS[3]  # attention_factor 0.7
     cos, sin = rope_tables(16, 64, 10000.0, scaling)
@@ -47,6 +80,10 @@ def test_rope_tables_carry_the_attention_factor():
     ({"rope_type": "dynamic", "factor": 2.0}, "'dynamic' is not supported"),
     ({"rope_type": "yarn", "factor": 2.0}, "original_max_position_embeddings"),
     ("yarn", "must be a dict"),
+    ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}, "original_max_position_embeddings"),
+    (_longrope(8), "longrope rope_scaling needs its attention factor"),
+    (_longrope(8, factor=2.0, long_factor=[1.0]), "same length"),
+    (_longrope(8, factor=2.0, short_factor=[1.0, 0.0, 1.0, 1.0]), "short_factor must be a non-empty list of numbers"),
 ])
 def test_bad_rope_scaling_is_named(bad, message):
     with pytest.raises(ValueError, match=message):

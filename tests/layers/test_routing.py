@@ -147,6 +147,139 @@ def test_softmax_topk_router_matches_huggingface_qwen2_moe_and_olmoe_routers(fam
     torch.testing.assert_close(out.weights, hf_weights.float(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, 0.5])
+def test_topk_norm_p_divides_the_k_probabilities_by_their_p_norm(p):
+    router = make_router(softmax_order="softmax_topk", norm_topk_prob=True, topk_norm_p=p, top_k=3)
+    x = tokens()
+    top = plain_logits(router, x).softmax(dim=-1).topk(3, dim=-1).values
+    expected = top / (top**p).sum(-1, keepdim=True) ** (1 / p)
+    torch.testing.assert_close(router(x).weights, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_softmax_topk_with_topk_norm_p_matches_huggingface_dbrx_routing(p):
+    from transformers import DbrxConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+
+    ours = make_router(softmax_order="softmax_topk", norm_topk_prob=True, topk_norm_p=p, top_k=3)
+    config = DbrxConfig(d_model=D, n_heads=2, attn_config={"rope_theta": 1e4},
+                        ffn_config={"ffn_hidden_size": 8, "moe_num_experts": 8, "moe_top_k": 3,
+                                    "moe_normalize_expert_weights": p})  # fmt: skip
+    hf = DbrxFFN(config).eval()
+    with torch.no_grad():
+        hf.router.layer.weight.copy_(ours.weight)
+    x = tokens(64)
+    hf_weights, hf_indices = hf.route_tokens_to_experts(hf.router(x))
+    out = ours(x)
+    assert torch.equal(out.indices, hf_indices)
+    torch.testing.assert_close(out.weights, hf_weights.float(), atol=1e-6, rtol=0)
+
+
+def test_input_jitter_changes_the_logits_in_training_only_and_within_its_band():
+    router = make_router(input_jitter_eps=0.1)
+    x = tokens()
+    clean = plain_logits(router, x)
+    torch.testing.assert_close(router.eval()(x).logits, clean, atol=1e-5, rtol=1e-5)
+    jittered = router.train()(x).logits
+    assert (jittered - clean).abs().max() > 1e-3
+    # each input element is scaled by a factor in [0.9, 1.1]: |change| <= 0.1 * sum_d |x_d w_ed|
+    bound = 0.1 * (x.abs() @ router.weight.detach().abs().T)
+    assert bool(((jittered - clean).abs() <= bound + 1e-5).all())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sparsemixer (Liu et al. 2024; PhiMoE)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def sparsemixer_reference(logits_E: list[float], eps: float) -> tuple[list[int], list[float]]:
+    """The eval-mode rule, one token, written out: two rounds; a round's softmax runs over the experts still available
+    whose relative gap to the round's best logit m, (m - s) / max(|s|, m), is at most 2 eps; the best one is picked."""
+    chosen, weights = [], []
+    for _ in range(2):
+        available = [j for j in range(len(logits_E)) if j not in chosen]
+        best = max(available, key=lambda j: (logits_E[j], -j))  # the first index among equal maxima
+        m = logits_E[best]
+        scales = {j: max(abs(logits_E[j]), m) for j in available}
+        kept = [j for j in available if scales[j] == 0 or (m - logits_E[j]) / scales[j] <= 2 * eps]
+        weights.append(math.exp(m) / sum(math.exp(logits_E[j]) for j in kept))
+        chosen.append(best)
+    return chosen, weights
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.01, 0.3, 2.0])
+def test_sparsemixer_eval_routing_matches_the_written_out_rule(eps):
+    router = make_router(router="sparsemixer", sparsemixer_eps=eps, weight_std=0.5).eval()
+    x = tokens(64)
+    out = router(x)
+    for t, row in enumerate(plain_logits(router, x).double().tolist()):
+        want_experts, want_weights = sparsemixer_reference(row, eps)
+        assert out.indices[t].tolist() == want_experts
+        torch.testing.assert_close(out.weights[t].double(), torch.tensor(want_weights, dtype=torch.float64),
+                                   atol=1e-6, rtol=1e-5)  # fmt: skip
+
+
+def test_sparsemixer_eps_decides_how_many_experts_share_a_rounds_softmax():
+    x = tokens(64)
+    tight = make_router(router="sparsemixer", sparsemixer_eps=0.0).eval()(x)
+    wide = make_router(router="sparsemixer", sparsemixer_eps=100.0).eval()(x)
+    torch.testing.assert_close(tight.weights, torch.ones(64, 2))  # alone in its round: weight 1
+    probs = wide.probs
+    torch.testing.assert_close(wide.weights[:, 0], probs.gather(1, wide.indices[:, :1]).squeeze(1))  # all experts
+    assert torch.equal(wide.indices, probs.topk(2, dim=-1).indices)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.3])
+def test_sparsemixer_eval_matches_huggingface_phimoe(eps):
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    router = make_router(router="sparsemixer", sparsemixer_eps=eps, weight_std=0.5).eval()
+    x = tokens(64)
+    hf_weights, hf_indices = sparsemixer(plain_logits(router, x), jitter_eps=eps, training=False)
+    out = router(x)
+    assert torch.equal(out.indices, hf_indices)
+    torch.testing.assert_close(out.weights, hf_weights, atol=1e-6, rtol=0)
+
+
+def test_sparsemixer_training_samples_experts_and_passes_the_probability_gradient():
+    router = make_router(router="sparsemixer", sparsemixer_eps=0.5, weight_std=0.3).train()
+    x = tokens(256)
+    torch.manual_seed(0)
+    out = router(x)
+    argmax = router.eval()(x).indices
+    sampled = (out.indices[:, 0] != argmax[:, 0]).float().mean()
+    assert 0.05 < sampled < 0.95, "training samples the first expert from its round's softmax, not always the best"
+    assert bool((out.indices[:, 0] != out.indices[:, 1]).all())
+    # a weight is its probability p in that round's softmax, or p * 0.3333 for a sampled non-argmax expert
+    logits = plain_logits(router, x)
+    eps2 = 2 * 0.5
+    best = logits.max(-1, keepdim=True).values
+    kept = ~((best - logits) / logits.abs().clamp(min=best) > eps2)
+    p_first = logits.masked_fill(~kept, float("-inf")).softmax(-1).gather(1, out.indices[:, :1]).squeeze(1)
+    ratio = out.weights[:, 0].detach() / p_first
+    assert bool((((ratio - 1).abs() < 1e-5) | ((ratio - 0.3333).abs() < 1e-5)).all())
+    # the gradient is that of p (not of p * scale): d p_j / d logits = p_j (onehot_j - p)
+    router.zero_grad()
+    x_leaf = x[:1].clone()
+    out1 = router.train()(x_leaf)
+    out1.weights[0, 0].backward()
+    with torch.no_grad():
+        l1 = plain_logits(router, x_leaf)[0]
+        b1 = l1.max()
+        keep1 = ~((b1 - l1) / l1.abs().clamp(min=b1) > eps2)
+        p = l1.masked_fill(~keep1, float("-inf")).softmax(-1)
+        e = out1.indices[0, 0]
+        dlogits = p[e] * (torch.nn.functional.one_hot(e, 8).float() - p)
+    torch.testing.assert_close(router.weight.grad, dlogits[:, None] * x_leaf, atol=1e-6, rtol=1e-5)
+
+
+def test_sparsemixer_needs_two_experts_per_token():
+    from moekit.config import MoEConfig as Config
+
+    with pytest.raises(ValueError, match="sparsemixer router picks exactly 2 experts per token, got top_k=3"):
+        Config(router="sparsemixer", top_k=3)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # noisy top-k (Shazeer et al. 2017)
 # --------------------------------------------------------------------------------------------------------------------
@@ -638,6 +771,7 @@ ALL_ROUTERS = {
     "top_p": dict(router="top_p"),
     "hash": dict(router="hash"),
     "hierarchical": dict(router="hierarchical", n_group=2, topk_group=1),
+    "sparsemixer": dict(router="sparsemixer"),
 }
 
 

@@ -232,6 +232,9 @@ def _perturbed(cfg: ModelConfig) -> MoELM:
         dict(qkv_bias=True, o_bias=True, attn_sinks=True, sliding_window=3, window_layers=[0, 2]),
         dict(qk_norm="head", clip_qkv=0.5, sliding_window=4),
         dict(qk_norm="proj", attn_sinks=True),
+        dict(norm="layernorm", norm_bias=True, lm_head_bias=True, qkv_bias=True, o_bias=True),
+        dict(norm="layernorm", embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.02,
+             logits_scaling=6.0),
     ],
     ids=str,
 )
@@ -244,6 +247,66 @@ def test_attention_variants_decode_with_the_cache_like_the_full_forward(changes)
         chunks = [model(ids[:, :5], cache=cache).logits]
         chunks += [model(ids[:, i : i + 1], cache=cache, start_pos=i).logits for i in range(5, 12)]
     assert (torch.cat(chunks, dim=1) - full).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_granite_constants_equal_the_same_scalings_folded_into_the_weights():
+    """embedding_multiplier, residual_multiplier, attention_multiplier and logits_scaling do exactly what their names
+    say: each equals a plain model whose weights carry the same factor."""
+    e, r, a, s = 3.0, 0.5, 0.05, 4.0
+    plain = _perturbed(_variant(tie_embeddings=False, qkv_bias=True, o_bias=True))
+    scaled = model_of(_variant(tie_embeddings=False, qkv_bias=True, o_bias=True, embedding_multiplier=e,
+                               residual_multiplier=r, attention_multiplier=a, logits_scaling=s))  # fmt: skip
+    scaled.load_state_dict(plain.state_dict())
+    scaled.eval()
+    H, X = plain.config.n_heads, plain.config.head_size
+    plain.embed.weight.mul_(e)
+    for block in plain.blocks:
+        block.attn.qkv_proj.weight[: H * X].mul_(a * math.sqrt(X))  # q . k * a == (q a sqrt(X)) . k / sqrt(X)
+        block.attn.qkv_proj.bias[: H * X].mul_(a * math.sqrt(X))
+        block.attn.o_proj.weight.mul_(r)
+        block.attn.o_proj.bias.mul_(r)
+        block.ffn.experts.w_out.mul_(r)
+    plain.lm_head.weight.div_(s)
+    ids = tokens(2, 10)
+    torch.testing.assert_close(scaled(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_layernorm_and_head_bias_are_parameters_initialised_like_torchs():
+    model = model_of(_variant(norm="layernorm", norm_bias=True, lm_head_bias=True, tie_embeddings=False))
+    assert isinstance(model.norm, torch.nn.LayerNorm) and isinstance(model.blocks[0].attn_norm, torch.nn.LayerNorm)
+    assert torch.equal(model.norm.weight, torch.ones(64)) and torch.equal(model.norm.bias, torch.zeros(64))
+    assert model.lm_head.bias.shape == (97,) and torch.equal(model.lm_head.bias, torch.zeros(97))
+    no_bias = model_of(_variant(norm="layernorm"))
+    assert no_bias.norm.bias is None and no_bias.lm_head.bias is None
+    extra = 2 * 64 * (2 * no_bias.config.n_layers + 1) - 64 * (2 * no_bias.config.n_layers + 1) + 97
+    assert model.num_params() - no_bias.num_params() == extra + 97 * 64  # + the untied head
+    model.lm_head.bias.normal_()
+    ids = tokens(1, 5)
+    hidden = model.hidden_states(ids)
+    torch.testing.assert_close(model(ids).logits, hidden @ model.lm_head.weight.T + model.lm_head.bias)
+
+
+@torch.no_grad()
+def test_longrope_past_the_original_context_runs_the_whole_forward_with_the_long_factors():
+    X = 16  # head_dim of the small tiny-mixtral
+    short, long = [1.0 + 0.1 * i for i in range(X // 2)], [2.0 + 0.5 * i for i in range(X // 2)]
+    base = dict(rope_type="longrope", original_max_position_embeddings=12, short_mscale=1.1, long_mscale=1.3)
+    both = _perturbed(_variant(rope_scaling=dict(base, short_factor=short, long_factor=long)))
+    assert both.rope_cos.shape[0] == 12 and both.rope_cos_long.shape[0] == 32
+    only_short = model_of(_variant(rope_scaling=dict(base, short_factor=short, long_factor=short,
+                                                     long_mscale=1.1))).eval()  # fmt: skip
+    only_long = model_of(_variant(rope_scaling=dict(base, short_factor=long, long_factor=long,
+                                                    short_mscale=1.3))).eval()  # fmt: skip
+    for other in (only_short, only_long):
+        other.load_state_dict(both.state_dict())
+    ids = tokens(2, 20)
+    torch.testing.assert_close(both(ids[:, :12]).logits, only_short(ids[:, :12]).logits)
+    torch.testing.assert_close(both(ids).logits, only_long(ids).logits)
+    assert (both(ids).logits[:, :12] - both(ids[:, :12]).logits).abs().max() > 1e-3  # the switch is real
+    assert model_of(_variant(max_seq_len=12, rope_scaling=dict(base, short_factor=short,
+                                                               long_factor=long))).rope_cos_long is None  # fmt: skip
 
 
 def test_sinks_at_minus_infinity_are_plain_attention_and_padding_stays_out():
@@ -385,6 +448,13 @@ def test_model_config_from_dict_rejects_unknown_keys_here_and_in_moe():
         (dict(dense_layers=[0, 1, 2, 3]), "no layer is MoE"),
         (dict(dense_layers=[0], first_k_dense=1), "leave first_k_dense=0 and moe_every=1"),
         (dict(attn_sinks=1), "attn_sinks must be a bool"),
+        (dict(norm="batchnorm"), "unknown norm 'batchnorm'"),
+        (dict(norm_bias=True), "norm_bias=True needs norm='layernorm'"),
+        (dict(lm_head_bias=1), "lm_head_bias must be a bool"),
+        (dict(embedding_multiplier=0.0), "embedding_multiplier must be a finite number > 0, got 0.0"),
+        (dict(residual_multiplier=float("inf")), "residual_multiplier must be a finite number > 0"),
+        (dict(logits_scaling=-6.0), "logits_scaling must be a finite number > 0, got -6.0"),
+        (dict(attention_multiplier=0), "attention_multiplier must be None or a finite number > 0, got 0"),
     ],
 )
 def test_model_config_errors_name_the_bad_value(changes, match):

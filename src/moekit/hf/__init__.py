@@ -12,7 +12,9 @@ A family is one small module (`hf/mixtral.py`, ...) with:
     import_weights(model, reader, dtype) -> iterator of (moekit name, tensor, checkpoint name(s));
     export_weights(model) -> {checkpoint name: tensor};
     check_exportable(model): raise ValueError naming what the format cannot express;
-    hf_config(model) -> the config.json dict.
+    hf_config(model) -> the config.json dict;
+    EXTRAS (optional): the fields of `hf.common.PLAIN_FIELDS` the format expresses (norm type, multipliers, ...);
+        save_pretrained refuses a model that sets any other.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from moekit.analysis.arch import HFConfig
 from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError, read_config, write_checkpoint
-from moekit.hf.common import checkpoint_dtype
+from moekit.hf.common import check_extras, checkpoint_dtype
 from moekit.models.lm import MoELM
 
 FAMILY_MODULES = {  # model_type -> module
@@ -38,6 +40,10 @@ FAMILY_MODULES = {  # model_type -> module
     "gpt_oss": "moekit.hf.gpt_oss",
     "deepseek_v2": "moekit.hf.deepseek_v2",
     "deepseek_v3": "moekit.hf.deepseek_v3",
+    "granitemoe": "moekit.hf.granitemoe",
+    "granitemoeshared": "moekit.hf.granitemoeshared",
+    "dbrx": "moekit.hf.dbrx",
+    "phimoe": "moekit.hf.phimoe",
 }
 
 
@@ -144,6 +150,7 @@ def save_pretrained(
         )
     fam = family(model_type)
     fam.check_exportable(model)
+    check_extras(model, model_type, getattr(fam, "EXTRAS", ()))
     tensors = fam.export_weights(model)
     write_checkpoint(path, fam.hf_config(model), tensors, max_shard_bytes)
     return Path(path)

@@ -59,13 +59,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def import_skeleton(model: MoELM, ckpt: CheckpointReader, dtype: torch.dtype, prefix: str = "model.") -> Iterator[Weight]:
-    """Embedding, per-layer norms and q/k/v/o attention (+ biases when present), final norm and output head."""
+    """Embedding, per-layer norms and q/k/v/o attention (+ biases when present), final norm and output head (+ the
+    norms' and the head's biases where the model has them: PhiMoE)."""
     cfg = model.config
     yield "embed.weight", ckpt.take(prefix + "embed_tokens.weight", dtype), prefix + "embed_tokens.weight"
     for i, block in enumerate(model.blocks):
         p = f"{prefix}layers.{i}."
-        yield from _norm(ckpt, dtype, f"blocks.{i}.attn_norm.weight", p + "input_layernorm.weight")
-        yield from _norm(ckpt, dtype, f"blocks.{i}.ffn_norm.weight", p + "post_attention_layernorm.weight")
+        yield from import_norm(block.attn_norm, ckpt, dtype, f"blocks.{i}.attn_norm.", p + "input_layernorm.")
+        yield from import_norm(block.ffn_norm, ckpt, dtype, f"blocks.{i}.ffn_norm.", p + "post_attention_layernorm.")
         a = p + "self_attn."
         names = [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]
         yield f"blocks.{i}.attn.qkv_proj.weight", _cat(ckpt, names, dtype), " + ".join(names)
@@ -78,7 +79,9 @@ def import_skeleton(model: MoELM, ckpt: CheckpointReader, dtype: torch.dtype, pr
         for extra in _ATTENTION_EXTRAS:  # q/k norms (Qwen3, OLMoE), sinks (GPT-OSS): the same names everywhere
             if _attention_extra(block.attn, extra) is not None:
                 yield f"blocks.{i}.attn.{extra}", ckpt.take(a + extra, dtype), a + extra
-    yield from _norm(ckpt, dtype, "norm.weight", prefix + "norm.weight")
+    yield from import_norm(model.norm, ckpt, dtype, "norm.", prefix + "norm.")
+    if model.lm_head.bias is not None:
+        yield "lm_head.bias", ckpt.take("lm_head.bias", dtype), "lm_head.bias"
     if not cfg.tie_embeddings:
         yield "lm_head.weight", ckpt.take("lm_head.weight", dtype), "lm_head.weight"
     elif "lm_head.weight" in ckpt:  # some tied checkpoints store the head anyway: it must equal the embedding
@@ -95,8 +98,8 @@ def export_skeleton(model: MoELM, prefix: str = "model.") -> dict[str, Tensor]:
     out = {prefix + "embed_tokens.weight": model.embed.weight}
     for i, block in enumerate(model.blocks):
         p, a = f"{prefix}layers.{i}.", f"{prefix}layers.{i}.self_attn."
-        out[p + "input_layernorm.weight"] = block.attn_norm.weight
-        out[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
+        out.update(export_norm(block.attn_norm, p + "input_layernorm."))
+        out.update(export_norm(block.ffn_norm, p + "post_attention_layernorm."))
         for proj, part in zip("qkv", block.attn.qkv_proj.weight.split([H * X, G * X, G * X])):
             out[a + f"{proj}_proj.weight"] = part
         if block.attn.qkv_proj.bias is not None:
@@ -109,10 +112,42 @@ def export_skeleton(model: MoELM, prefix: str = "model.") -> dict[str, Tensor]:
             tensor = _attention_extra(block.attn, extra)
             if tensor is not None:
                 out[a + extra] = tensor
-    out[prefix + "norm.weight"] = model.norm.weight
+    out.update(export_norm(model.norm, prefix + "norm."))
+    if model.lm_head.bias is not None:
+        out["lm_head.bias"] = model.lm_head.bias
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = model.lm_head.weight
     return out
+
+
+def import_norm(norm, ckpt: CheckpointReader, dtype: torch.dtype, name: str, source: str) -> Iterator[Weight]:
+    """A norm's `weight` (and `bias`, when the model's norm has one) from `{source}weight` / `{source}bias`."""
+    for attr in ("weight", "bias"):
+        if getattr(norm, attr, None) is not None:
+            yield name + attr, ckpt.take(source + attr, dtype), source + attr
+
+
+def export_norm(norm, prefix: str) -> dict[str, Tensor]:
+    return {prefix + attr: getattr(norm, attr) for attr in ("weight", "bias") if getattr(norm, attr, None) is not None}
+
+
+# ModelConfig / MoEConfig fields that only some formats express, at the values that change nothing. A family module
+# names in EXTRAS the ones its format expresses; save_pretrained refuses a model that sets any other (a Mixtral
+# checkpoint cannot carry Granite's multipliers: exporting one would silently compute something else).
+PLAIN_FIELDS = dict(
+    norm="rmsnorm", norm_bias=False, lm_head_bias=False, embedding_multiplier=1.0, residual_multiplier=1.0,
+    attention_multiplier=None, logits_scaling=1.0,
+)  # fmt: skip
+PLAIN_MOE_FIELDS = dict(topk_norm_p=1.0)
+
+
+def check_extras(model: MoELM, family: str, extras: tuple[str, ...] = ()) -> None:
+    """ValueError naming the first field of PLAIN_FIELDS / PLAIN_MOE_FIELDS (other than `extras`) that the model
+    sets to a value `family`'s format cannot hold."""
+    cfg = model.config
+    check_fields(cfg, "", family, {k: v for k, v in PLAIN_FIELDS.items() if k not in extras})
+    if cfg.moe is not None and cfg.moe.norm_topk_prob:  # topk_norm_p acts only through the renormalisation
+        check_fields(cfg.moe, "moe.", family, {k: v for k, v in PLAIN_MOE_FIELDS.items() if k not in extras})
 
 
 def skeleton_config(model: MoELM) -> dict[str, Any]:
@@ -231,10 +266,6 @@ def export_experts(experts, prefix: str) -> dict[str, Tensor]:
         out[f"{prefix}{j}.up_proj.weight"] = up
         out[f"{prefix}{j}.down_proj.weight"] = experts.w_out[j].T
     return out
-
-
-def _norm(ckpt: CheckpointReader, dtype: torch.dtype, name: str, source: str) -> Iterator[Weight]:
-    yield name, ckpt.take(source, dtype), source
 
 
 def _cat(ckpt: CheckpointReader, names: list[str], dtype: torch.dtype) -> Tensor:

@@ -1,4 +1,5 @@
-"""Attention for the language models: RMSNorm, rotary position embeddings, causal GQA attention, the KV cache.
+"""Attention for the language models: RMSNorm (or LayerNorm), rotary position embeddings, causal GQA attention, the
+KV cache.
 
 Legend: B batch, S new tokens (the chunk being run), L keys attended (cached + new), D model dim, H query heads,
 G key/value heads (H is a multiple of G), X head dim.
@@ -40,7 +41,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype) * self.weight
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[Tensor, float]:
+def make_norm(kind: str, dim: int, eps: float, bias: bool = False) -> nn.Module:
+    """The block / final norm a model config names: RMSNorm, or LayerNorm (Ba et al. 2016; DBRX without a bias,
+    PhiMoE with one), which normalises in the input dtype as torch's LayerNorm kernels do."""
+    if kind == "rmsnorm":
+        if bias:
+            raise ValueError("an RMSNorm has no bias: use kind='layernorm' for a norm with a bias")
+        return RMSNorm(dim, eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    raise ValueError(f"unknown norm {kind!r}: expected 'rmsnorm' or 'layernorm'")
+
+
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None
+) -> tuple[Tensor, float]:
     """The X/2 rotation frequencies of RoPE and the attention factor that multiplies cos and sin.
 
     Frequency i is theta^(-2i/X) (Su et al. 2021, eq. 34), then changed by `scaling` for long contexts, with the
@@ -52,7 +67,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
       original_max_position_embeddings (floored/ceiled unless truncate=False); attention factor given, or
       mscale(factor, mscale) / mscale(factor, mscale_all_dim) with mscale(s, m) = 0.1 * m * ln(s) + 1;
     - "llama3" (Llama 3.1): wavelengths longer than original_max_position_embeddings / low_freq_factor divided by
-      factor, shorter than .. / high_freq_factor kept, smoothly blended between.
+      factor, shorter than .. / high_freq_factor kept, smoothly blended between;
+    - "longrope" (Ding et al. 2024, LongRoPE; Phi-3, PhiMoE): frequency i divided by short_factor[i], or by
+      long_factor[i] when `seq_len` > original_max_position_embeddings; attention factor short_mscale / long_mscale
+      where the dict has them (PhiMoE), else attention_factor, else sqrt(1 + ln(factor) / ln(original)).
+    `seq_len` (the length of the sequence being run) matters only to longrope; None = within the original context.
     Returns (inv_freq [X/2] float32, attention_factor).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [X/2]
@@ -63,6 +82,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
         raise ValueError(f"rope scaling type {kind!r} is not supported: expected one of {sorted(ROPE_TYPES)}")
     if kind == "default":
         return inv_freq, 1.0
+    if kind == "longrope":
+        return _longrope_frequencies(head_dim, theta, scaling, seq_len)
     factor = float(scaling["factor"])
     if kind == "linear":
         return inv_freq / factor, 1.0
@@ -100,13 +121,40 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
     return inv_freq, float(attention_factor)
 
 
-def rope_tables(max_len: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[Tensor, Tensor]:
+def _longrope_frequencies(head_dim: int, theta: float, scaling: dict, seq_len: int | None) -> tuple[Tensor, float]:
+    original = scaling["original_max_position_embeddings"]
+    long = seq_len is not None and seq_len > original
+    factors = scaling["long_factor" if long else "short_factor"]
+    if len(factors) != head_dim // 2:
+        raise ValueError(f"longrope needs head_dim / 2 = {head_dim // 2} factors, got {len(factors)}")
+    ext_factors = torch.tensor(factors, dtype=torch.float32)
+    inv_freq = 1.0 / (ext_factors * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling.get("short_mscale") is not None and scaling.get("long_mscale") is not None:  # PhiMoE
+        return inv_freq, float(scaling["long_mscale" if long else "short_mscale"])
+    if scaling.get("attention_factor") is not None:
+        return inv_freq, float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+    return inv_freq, 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def longrope_switch(scaling: dict | None, max_len: int) -> int | None:
+    """For longrope scaling whose context reaches past original_max_position_embeddings: that length (a sequence
+    longer than it runs with the long factors); None otherwise (one set of RoPE tables serves every length)."""
+    if scaling is None or scaling.get("rope_type", scaling.get("type")) != "longrope":
+        return None
+    original = scaling["original_max_position_embeddings"]
+    return original if max_len > original else None
+
+
+def rope_tables(
+    max_len: int, head_dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None
+) -> tuple[Tensor, Tensor]:
     """cos and sin of every position's rotation angles, float32, [max_len, X], times the attention factor.
 
     Each frequency of `rope_frequencies` appears twice, once per half of the head ("rotate half" layout, as
-    GPT-NeoX, Llama and transformers lay it out, rather than interleaved pairs).
+    GPT-NeoX, Llama and transformers lay it out, rather than interleaved pairs). `seq_len`: see rope_frequencies.
     """
-    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling)
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling, seq_len)
     angles = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [max_len, X/2]
     angles = torch.cat((angles, angles), dim=-1)  # [max_len, X]
     return angles.cos() * attention_factor, angles.sin() * attention_factor
@@ -205,7 +253,7 @@ class Attention(nn.Module):
     """Causal multi-head attention with grouped key/value heads (GQA, Ainslie et al. 2023) and RoPE.
 
     Queries, keys and values come from one fused projection (one matmul instead of three); attention is
-    `torch.nn.functional.scaled_dot_product_attention` with scale 1/sqrt(X).
+    `torch.nn.functional.scaled_dot_product_attention` with scale 1/sqrt(X) unless `scale` says otherwise.
 
     Args:
         d_model: D.
@@ -220,14 +268,16 @@ class Attention(nn.Module):
         clip_qkv: clamp q, k and v to [-clip_qkv, clip_qkv] after the norms (OLMoE); None = off.
         sinks: a learned logit per head that joins the softmax denominator (GPT-OSS): out = softmax([s, sink]) v
             without the sink's column, so a head may give little weight to every key.
+        scale: the softmax scale of q.k (Granite's attention_multiplier); None = 1/sqrt(X).
     """
 
     def __init__(
         self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
         o_bias: bool = False, qk_norm: str | None = None, norm_eps: float = 1e-5, clip_qkv: float | None = None,
-        sinks: bool = False,
+        sinks: bool = False, scale: float | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
+        self.scale = scale
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)  # rows: q, k, v
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
@@ -280,7 +330,7 @@ class Attention(nn.Module):
             k_BGSX, v_BGSX, mask = self._with_sink(k_BGSX, v_BGSX, mask, S)
         is_causal = mask is None and k_BGSX.shape[2] == S and S > 1
         out_BHSX = F.scaled_dot_product_attention(
-            q_BHSX, k_BGSX, v_BGSX, attn_mask=mask, is_causal=is_causal, enable_gqa=G != H
+            q_BHSX, k_BGSX, v_BGSX, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=G != H
         )
         return self.o_proj(out_BHSX.transpose(1, 2).reshape(B, S, H * X))
 

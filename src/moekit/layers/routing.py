@@ -58,7 +58,8 @@ class Router(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.d_model = config.num_experts, config.top_k, config.d_model
-        self.norm_topk_prob = config.norm_topk_prob
+        self.norm_topk_prob, self.topk_norm_p = config.norm_topk_prob, config.topk_norm_p
+        self.input_jitter_eps = config.input_jitter_eps
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
         self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
         if config.selection_bias:
@@ -73,13 +74,22 @@ class Router(nn.Module):
     def compute_logits(self, x_TD: Tensor) -> Tensor:
         dtype = self.router_dtype(x_TD)
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x_TD.to(dtype), self.weight.to(dtype), bias)
+        x_TD = x_TD.to(dtype)
+        if self.training and self.input_jitter_eps > 0:  # Switch Transformer's multiplicative jitter (training only)
+            eps = self.input_jitter_eps
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        return F.linear(x_TD, self.weight.to(dtype), bias)
 
     def biased(self, scores_TE: Tensor) -> Tensor:
         return scores_TE if self.selection_bias is None else scores_TE + self.selection_bias
 
     def renormalize(self, w_TK: Tensor) -> Tensor:
-        return w_TK / w_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20) if self.norm_topk_prob else w_TK
+        """With norm_topk_prob, the k weights divided by their sum (their p-norm for topk_norm_p = p != 1, DBRX)."""
+        if not self.norm_topk_prob:
+            return w_TK
+        if self.topk_norm_p == 1:
+            return w_TK / w_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return w_TK / w_TK.norm(p=self.topk_norm_p, dim=-1, keepdim=True).clamp_min(1e-20)
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None) -> RouterOutput:
         raise NotImplementedError
@@ -325,6 +335,50 @@ class HierarchicalRouter(Router):
         return RouterOutput(weights_TK, indices_TK, logits_TE, probs_TE, scores_TE.detach())
 
 
+class SparseMixerRouter(Router):
+    """SparseMixer top-2 routing (Liu et al. 2024, "GRIN: GRadient-INformed MoE", arXiv 2409.12136; PhiMoE).
+
+    Two rounds, each choosing one expert. In a round, with m the best logit among the experts still available, an
+    expert stays in the running only when (m - s) / max(|s|, m) <= 2 * eps (`sparsemixer_eps`; the relative gap of
+    its logit s to the best, the threshold always read against the token's unmasked logits); the round's expert is
+    the best one (eval) or a sample from the softmax over the experts left in the running (training, Gumbel-max), and
+    its weight is its probability under that softmax. The second round runs with the first round's expert removed.
+    In training, the weight of a sampled expert that is not the round's argmax is scaled by 1/3 (0.3333) except
+    with probability 1/4, and the gradient is that of the unscaled probability: SparseMixer's Heun third-order
+    (midpoint) estimate of the routing gradient, as in the PhiMoE reference code.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.eps = config.sparsemixer_eps
+
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None) -> RouterOutput:
+        logits_TE = self.compute_logits(x_TD)
+        first_T1, weight1_T1 = self._round(logits_TE, logits_TE)
+        remaining_TE = logits_TE.scatter(1, first_T1, float("-inf"))
+        second_T1, weight2_T1 = self._round(logits_TE, remaining_TE)
+        indices_TK = torch.cat((first_T1, second_T1), dim=1)
+        weights_TK = torch.cat((weight1_T1, weight2_T1), dim=1)
+        return RouterOutput(weights_TK, indices_TK, logits_TE, logits_TE.softmax(dim=-1), logits_TE.detach())
+
+    def _round(self, logits_TE: Tensor, available_TE: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            best_T1, argmax_T1 = available_TE.max(dim=-1, keepdim=True)
+            gap_TE = (best_T1 - logits_TE) / logits_TE.abs().clamp(min=best_T1)
+            out_TE = gap_TE > 2 * self.eps
+        masked_TE = available_TE.masked_fill(out_TE, float("-inf"))
+        probs_TE = masked_TE.softmax(dim=-1)
+        if not self.training:
+            return argmax_T1, probs_TE.gather(1, argmax_T1)
+        with torch.no_grad():  # Gumbel-max: the argmax of logits + Gumbel noise is a sample of their softmax
+            gumbel_TE = -torch.empty_like(masked_TE).exponential_().log()
+            chosen_T1 = (masked_TE + gumbel_TE).argmax(dim=-1, keepdim=True)
+            keep_T1 = (chosen_T1 == probs_TE.argmax(dim=-1, keepdim=True)) | (torch.rand_like(best_T1) > 0.75)
+            scale_T1 = 0.3333 + 0.6667 * keep_T1.to(probs_TE.dtype)
+        weight_T1 = probs_TE.gather(1, chosen_T1)
+        return chosen_T1, weight_T1 + (weight_T1 * (scale_T1 - 1.0)).detach()  # value p * scale, gradient of p
+
+
 ROUTER_CLASSES: dict[str, type[Router]] = {
     "topk": TopKRouter,
     "noisy_topk": NoisyTopKRouter,
@@ -333,6 +387,7 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "top_p": TopPRouter,
     "hash": HashRouter,
     "hierarchical": HierarchicalRouter,
+    "sparsemixer": SparseMixerRouter,
 }
 assert tuple(ROUTER_CLASSES) == ROUTERS
 

@@ -8,6 +8,9 @@ matches Llama/Mixtral (pre-norm, no biases, RoPE "rotate half"), so a Mixtral ch
 and restacking weights; `tests/models/test_lm.py` holds the logits to `transformers.MixtralForCausalLM`. With
 `config.mla` set, the attention is DeepSeek's multi-head latent attention instead (layers/mla.py; parameters
 `blocks.{i}.attn.{q_proj | q_a_proj, q_a_norm, q_b_proj}`, `kv_a_proj`, `kv_a_norm`, `kv_b_proj`, `o_proj`).
+Other opt-in variants (ModelConfig): LayerNorm instead of RMSNorm, with or without a bias (DBRX, PhiMoE); a bias on
+the output head (PhiMoE); Granite's constants: embeddings times `embedding_multiplier`, each sub-layer's output times
+`residual_multiplier` before the residual add, attention scale `attention_multiplier`, logits / `logits_scaling`.
 
 Parameter names (for checkpoint conversion): `embed.weight`; `blocks.{i}.attn_norm.weight`,
 `blocks.{i}.attn.qkv_proj.weight` (rows: q heads, k heads, v heads), `blocks.{i}.attn.o_proj.weight` (+ `.bias`
@@ -15,7 +18,7 @@ of either, `attn.q_norm.weight`, `attn.k_norm.weight`, `attn.sinks` where the co
 `blocks.{i}.ffn_norm.weight`, then either the MoE layer's `blocks.{i}.ffn.router.weight`,
 `blocks.{i}.ffn.experts.w_in` [E, D, 2F] (gate | up), `blocks.{i}.ffn.experts.w_out` [E, F, D] (+ shared experts)
 or the dense `blocks.{i}.ffn.w_in.weight` [2F, D] (gate rows, then up), `blocks.{i}.ffn.w_out.weight`; `norm.weight`,
-`lm_head.weight` (the same tensor as `embed.weight` when tied).
+`lm_head.weight` (the same tensor as `embed.weight` when tied); the norms' and the head's `.bias` where configured.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.layers.attention import Attention, KVCache, RMSNorm, attention_mask, rope_tables
+from moekit.layers.attention import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    attention_mask,
+    longrope_switch,
+    make_norm,
+    rope_tables,
+)
 from moekit.layers.experts import FFN, Experts
 from moekit.layers.mla import MultiHeadLatentAttention
 from moekit.layers.moe import MoE, MoEStats, collect_stats
@@ -63,17 +74,18 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn_norm = make_norm(config.norm, config.d_model, config.norm_eps, config.norm_bias)
         if config.mla is not None:  # DeepSeek-V2/V3's multi-head latent attention
             self.attn = MultiHeadLatentAttention(config.d_model, config.n_heads, config.mla, config.rope_scaling)
         else:
             self.attn = Attention(
                 config.d_model, config.n_heads, config.kv_heads, config.head_size, qkv_bias=config.qkv_bias,
                 o_bias=config.o_bias, qk_norm=config.qk_norm, norm_eps=config.norm_eps, clip_qkv=config.clip_qkv,
-                sinks=config.attn_sinks,
+                sinks=config.attn_sinks, scale=config.attention_multiplier,
             )  # fmt: skip
         self.window = config.window_of(layer_idx)  # sliding-window span, or None (the mask MoELM passes says so)
-        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn_norm = make_norm(config.norm, config.d_model, config.norm_eps, config.norm_bias)
+        self.residual_multiplier = config.residual_multiplier  # Granite: sub-layer outputs scaled before the add
         self.is_moe = config.is_moe_layer(layer_idx)
         self.ffn = MoE(config.moe) if self.is_moe else FFN(config.d_model, config.dense_d_ff, "swiglu")
 
@@ -89,10 +101,16 @@ class Block(nn.Module):
         attn_mask: Tensor | None,
     ) -> Tensor:
         """[B, S, D] -> [B, S, D]; see `Attention.forward` and `MoE.forward` for the arguments."""
-        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SX, sin_SX, kv_cache, start_pos, attn_mask)
+        a_BSD = self.attn(self.attn_norm(x_BSD), cos_SX, sin_SX, kv_cache, start_pos, attn_mask)
+        h_BSD = x_BSD + self._scaled(a_BSD)
         if self.is_moe:  # token ids feed the hash router; the padding mask keeps padding out of routing and losses
-            return h_BSD + self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, mask=pad_mask_BS)
-        return h_BSD + self.ffn(self.ffn_norm(h_BSD))
+            f_BSD = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, mask=pad_mask_BS)
+        else:
+            f_BSD = self.ffn(self.ffn_norm(h_BSD))
+        return h_BSD + self._scaled(f_BSD)
+
+    def _scaled(self, y_BSD: Tensor) -> Tensor:
+        return y_BSD if self.residual_multiplier == 1.0 else y_BSD * self.residual_multiplier
 
 
 class MoELM(nn.Module):
@@ -107,23 +125,33 @@ class MoELM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps, config.norm_bias)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(config.max_seq_len, config.rope_dim, config.rope_theta, config.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, X] (MLA: its rotary dims)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # [max_seq_len, X] (MLA: its rotary dims). LongRoPE reaching past its original context has a second pair of
+        # tables, used for a whole forward once the sequence is longer than that (the Phi-3 / PhiMoE reference).
+        for name, table in self._rope_buffers().items():
+            self.register_buffer(name, table, persistent=False)
         self.reset_parameters()
+
+    def _rope_buffers(self) -> dict[str, Tensor | None]:
+        cfg = self.config
+        args = (cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        switch = longrope_switch(cfg.rope_scaling, cfg.max_seq_len)
+        cos, sin = rope_tables(cfg.max_seq_len if switch is None else switch, *args)  # longrope: the short factors
+        long_cos = long_sin = None
+        if switch is not None:
+            long_cos, long_sin = rope_tables(cfg.max_seq_len, *args, seq_len=cfg.max_seq_len)
+        return {"rope_cos": cos, "rope_sin": sin, "rope_cos_long": long_cos, "rope_sin_long": long_sin}
 
     @torch.no_grad()
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the buffers no checkpoint stores (RoPE tables, MoE step loads) on `device` (default: the
         embedding's), e.g. after building the model on the meta device and loading its weights with assign=True."""
         device = self.embed.weight.device if device is None else device
-        cfg = self.config
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for name, table in self._rope_buffers().items():
+            setattr(self, name, None if table is None else table.to(device))
         for module in self.modules():
             if isinstance(module, MoE):
                 module.step_load = torch.zeros_like(module.step_load, device=device)
@@ -141,8 +169,10 @@ class MoELM(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, Experts):
                 nn.init.normal_(module.w_in, 0.0, std)
                 nn.init.normal_(module.w_out, 0.0, out_std)
@@ -184,7 +214,7 @@ class MoELM(nn.Module):
         Returns:
             LMOutput(logits [B, S, V], loss, ce_loss, aux_loss). ce_loss is NaN if every target is -100.
         """
-        logits_BSV = self.lm_head(self.hidden_states(input_ids, cache, start_pos, mask))
+        logits_BSV = self.logits(self.hidden_states(input_ids, cache, start_pos, mask))
         aux_loss = self._aux_loss(logits_BSV.device)
         if targets is None:
             return LMOutput(logits_BSV, None, None, aux_loss)
@@ -193,14 +223,24 @@ class MoELM(nn.Module):
         ce_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return LMOutput(logits_BSV, ce_loss + aux_loss, ce_loss, aux_loss)
 
+    def logits(self, hidden_BSD: Tensor) -> Tensor:
+        """The output head on final hidden states [..., D] -> logits [..., V] (divided by config.logits_scaling)."""
+        logits = self.lm_head(hidden_BSD)
+        scaling = self.config.logits_scaling
+        return logits if scaling == 1.0 else logits / scaling
+
     def hidden_states(
         self, input_ids: Tensor, cache: KVCache | None = None, start_pos: int = 0, mask: Tensor | None = None
     ) -> Tensor:
         """The final normalised hidden states [B, S, D] (the forward without the output head and losses)."""
         B, S = self._check_input(input_ids, cache, start_pos, mask)
         x_BSD = self.embed(input_ids)
-        cos_SX = self.rope_cos[start_pos : start_pos + S]
-        sin_SX = self.rope_sin[start_pos : start_pos + S]
+        if self.config.embedding_multiplier != 1.0:
+            x_BSD = x_BSD * self.config.embedding_multiplier
+        cos, sin = self.rope_cos, self.rope_sin
+        if self.rope_cos_long is not None and start_pos + S > cos.shape[0]:  # longrope past its original context
+            cos, sin = self.rope_cos_long, self.rope_sin_long
+        cos_SX, sin_SX = cos[start_pos : start_pos + S], sin[start_pos : start_pos + S]
         # With a cache and start_pos > 0 the chunk also attends to the cached positions 0..start_pos-1.
         num_keys = start_pos + S if cache is not None and start_pos > 0 else S
         key_mask_BL = mask if cache is None else cache.write_mask(start_pos, mask, S)  # [B, num_keys] or None
