@@ -121,7 +121,8 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         for name in _EXPERT_TENSORS:
             full = getattr(experts, name)
             if full is not None:
-                setattr(experts, name, nn.Parameter(full.detach()[local.start : local.stop].clone(), full.requires_grad))
+                mine = full.detach()[local.start : local.stop].clone()
+                setattr(experts, name, nn.Parameter(mine, full.requires_grad))
         experts.num_experts = len(local)
         layer.expert_parallel = handle
     return model

@@ -37,7 +37,7 @@ class ParallelRun:
                 f"`moekit train --nproc {ep} ...` (or torchrun --nproc-per-node {ep} -m moekit train ... --ep {ep})"
             )
         self.ep = ep
-        self.mesh = build_mesh(ep)
+        self.mesh = build_mesh(ep, timeout_s=timeout_s)
 
     def describe(self) -> str:
         return f"{self.world} ranks: expert parallel {self.ep} x data parallel {self.world // self.ep}"
@@ -84,4 +84,7 @@ class ParallelRun:
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[Callable[[dict], dict], Callable[[dict], dict]]:
         """The `shard` functions of `load_weights` and `load_optimizer` for this rank."""
-        return (lambda full: shard_model_state(model, full)), (lambda full: shard_optimizer_state(optimizer, model, full))
+        return (
+            (lambda full: shard_model_state(model, full)),
+            (lambda full: shard_optimizer_state(optimizer, model, full)),
+        )
