@@ -7,6 +7,7 @@ about the trainer.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -29,13 +30,15 @@ class ParallelRun:
     """
 
     def __init__(self, ep: int, timeout_s: float) -> None:
-        init_distributed(timeout_s)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if ep > self.world or self.world % ep:
+        launched = dist.is_initialized() or "WORLD_SIZE" in os.environ  # torchrun (or the caller) set up the world
+        self.world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        if ep > self.world or self.world % ep or not launched:
             raise ValueError(
                 f"ep={ep} needs a multiple of {ep} processes, this run has {self.world}: launch with "
                 f"`moekit train --nproc {ep} ...` (or torchrun --nproc-per-node {ep} -m moekit train ... --ep {ep})"
             )
+        init_distributed(timeout_s)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.ep = ep
         self.mesh = build_mesh(ep, timeout_s=timeout_s)
 

@@ -369,7 +369,10 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         self.step, self.tokens = state["step"], state["tokens"]
-        self.history = _truncate_metrics(self.run_dir, self.step)
+        if self.is_main:  # one writer (the other ranks read what it keeps: the replace is atomic)
+            self.history = _truncate_metrics(self.run_dir, self.step)
+        else:
+            self.history = [r for r in load_metrics(self.run_dir) if r.get("step", 0) <= self.step]
         self.log(f"resumed {self.run_dir} from {found.name} (step {self.step}, {self.tokens:,} tokens)")
 
     # ------------------------------------------------------------------------------------------------- the loop
