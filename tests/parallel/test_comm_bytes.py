@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from dist_helpers import run_on_ranks
 
 from moekit.config import MoEConfig
 from moekit.layers import MoE
 from moekit.parallel import build_mesh, count_bytes, shard_experts
 from moekit.parallel.projection import all_to_all_bytes
+
+from dist_helpers import run_on_ranks
 
 D, E, K, T = 16, 8, 2, 32
 

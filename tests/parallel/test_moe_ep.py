@@ -107,7 +107,8 @@ def _worker(rank: int, world: int, layouts: list[int], cases: list[str]) -> None
             try:
                 _check_case(rank, world, mesh, CASES[name])
             except AssertionError as err:
-                raise AssertionError(f"ep={ep_size}, dp={world // ep_size}, case {name!r}, rank {rank}: {err}") from None
+                where = f"ep={ep_size}, dp={world // ep_size}, case {name!r}, rank {rank}"
+                raise AssertionError(f"{where}: {err}") from None
         dist.barrier()
 
 

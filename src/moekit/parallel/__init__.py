@@ -16,7 +16,6 @@ from moekit.parallel.mesh import DEFAULT_TIMEOUT_S, build_mesh, init_distributed
 
 __all__ = [
     "AllToAllDispatcher", "CommBytes", "DEFAULT_TIMEOUT_S", "ExpertParallel", "build_mesh", "check_expert_parallel",
-    "clip_grad_norm_",
-    "count_bytes", "data_parallel", "expert_parameters", "full_model_state", "full_optimizer_state",
+    "clip_grad_norm_", "count_bytes", "data_parallel", "expert_parameters", "full_model_state", "full_optimizer_state",
     "init_distributed", "shard_experts", "shard_model_state", "shard_optimizer_state",
 ]
