@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,3 +179,82 @@ def test_errors_from_the_installed_command_have_no_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"moekit: error: corpus '{tmp_path / 'missing'}' does not exist"
+
+
+# ------------------------------------------------------------------------------------- expert parallel (--nproc)
+
+
+def _moekit(*argv, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moekit", *argv], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_train_nproc_2_trains_expert_parallel_and_only_rank_0_reports(setup, tmp_path, capsys):
+    from moekit.train import load_model
+    from moekit.train.trainer import load_metrics
+
+    corpus, _, _ = setup
+    args = _train_args(corpus, "tiny-mixtral", tmp_path / "ep", "--tokenizer", "bytes", "--lr", "0.002")
+    result = _moekit(*args, "--nproc", "2")  # through torchrun: two processes, ep defaults to 2
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.count("(2 ranks: expert parallel 2 x data parallel 1)") == 1, out
+    assert out.count("step     3/3") == 1 and out.count("done: 3 steps") == 1, out
+
+    model, _, _ = load_model(tmp_path / "ep")  # the single-process layout: all 8 experts in every layer
+    assert all(block.ffn.experts.w_in.shape[0] == 8 for block in model.blocks)
+    assert model(torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, model.config.vocab_size)
+
+    # The same command in one process computes the same run (the relaunch passed every flag through).
+    assert main([*_train_args(corpus, "tiny-mixtral", tmp_path / "one", "--tokenizer", "bytes", "--lr", "0.002")]) == 0
+    capsys.readouterr()
+    ep, one = load_metrics(tmp_path / "ep"), load_metrics(tmp_path / "one")
+    assert [r["step"] for r in ep] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "lr"):
+        torch.testing.assert_close([r[key] for r in ep], [r[key] for r in one], atol=1e-5, rtol=1e-5, msg=key)
+    torch.testing.assert_close(ep[-1]["val_loss"], one[-1]["val_loss"], atol=1e-5, rtol=1e-5)
+
+    result = _moekit("train", "--out", str(tmp_path / "ep"), "--resume", "--steps", "4", "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("resumed") == 1 and result.stdout.count("step     4/4") == 1, result.stdout
+    assert [r["step"] for r in load_metrics(tmp_path / "ep")] == [1, 2, 3, 4]
+
+
+def test_a_rank_that_dies_fails_the_nproc_run(setup, tmp_path):
+    # Rank 1 exits in the middle of its second step (sitecustomize runs in every process of the launch); torchrun
+    # stops rank 0 and exits non-zero, and so does `moekit train --nproc`.
+    corpus, moe, _ = setup
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from moekit.train import trainer\n"
+        "    step = trainer.Trainer._train_step\n"
+        "    def dying_step(self):\n"
+        "        if self.step == 1:\n"
+        "            os._exit(3)\n"
+        "        return step(self)\n"
+        "    trainer.Trainer._train_step = dying_step\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    args = _train_args(corpus, moe, tmp_path / "run", "--tokenizer", "bytes", "--steps", "50", "--dist-timeout", "20")
+    start = time.monotonic()
+    result = _moekit(*args, "--nproc", "2", env=env)
+    assert result.returncode != 0
+    assert "done:" not in result.stdout and "exitcode  : 3" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - start < 120
+
+
+def test_nproc_refuses_what_the_ranks_could_not_run(setup, tmp_path, capsys):
+    corpus, moe, dense = setup
+    base = _train_args(corpus, moe, tmp_path / "run", "--tokenizer", "bytes")
+    assert "--ep 3 must divide --nproc 4" in _error(capsys, [*base, "--nproc", "4", "--ep", "3"])
+    assert "--batch-size 2 must be divisible by --nproc 4" in _error(capsys, [*base, "--nproc", "4"])
+    err = _error(capsys, [*_train_args(corpus, "tiny-switch", tmp_path / "run"), "--nproc", "2"])
+    assert "capacity_factor=1.25 is not supported over 2 ranks" in err
+    err = _error(capsys, [*_train_args(corpus, dense, tmp_path / "run"), "--nproc", "2"])
+    assert "has no MoE layer" in err
+    err = _error(capsys, [*base, "--ep", "2"])  # one process cannot hold two expert-parallel ranks
+    assert "ep=2 needs a multiple of 2 processes, this run has 1" in err and "--nproc 2" in err
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
 
 
@@ -43,12 +46,23 @@ def _train(args: argparse.Namespace) -> int:
     from moekit.train import train, training_config
     from moekit.train.trainer import run_name
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun
+    if args.nproc is not None and world > 1:
+        raise ValueError(f"--nproc starts torchrun itself: drop it when launching with torchrun (WORLD_SIZE={world})")
+    if args.ep is None and (args.nproc or world) > 1:
+        args.ep = args.nproc or world  # all the processes: pure expert parallelism
     options = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
     if "out" not in options and "preset" in options:
         options["out"] = f"runs/{run_name(options['preset'])}"
     config = training_config(options, resume=args.resume)
+    if args.nproc is not None:
+        _check_processes(config, args.nproc, args.resume, args.overwrite)
+        if args.nproc > 1:
+            return _launch(args, config.ep)
     log = (lambda *_: None) if args.json else print
     result = train(config, resume=args.resume, overwrite=args.overwrite, log=log)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank returns the result; rank 0 reports it
+        return 0
     summary = {k: v for k, v in vars(result).items() if k != "history"}
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -60,6 +74,53 @@ def _train(args: argparse.Namespace) -> int:
             f"checkpoint {result.checkpoint}\nmetrics {result.run_dir}/metrics.jsonl, plot {result.run_dir}/loss.png"
         )
     return 0
+
+
+def _check_processes(config, nproc: int, resume: bool, overwrite: bool) -> None:
+    """Refuse, before starting any process, a run that `nproc` processes cannot do (the ranks would each say so)."""
+    from moekit.parallel import check_expert_parallel
+    from moekit.train.checkpoint import find_checkpoint
+    from moekit.train.trainer import build_model_config
+
+    if nproc % config.ep:
+        raise ValueError(f"--ep {config.ep} must divide --nproc {nproc} (ep x data-parallel = nproc processes)")
+    if nproc == 1:
+        return
+    if config.batch_size % nproc:
+        raise ValueError(
+            f"--batch-size {config.batch_size} must be divisible by --nproc {nproc} (each process takes an equal share)"
+        )
+    model = build_model_config(config.preset, 257, config.seq_len)
+    if model.moe is None:
+        raise ValueError(f"preset {config.preset!r} has no MoE layer: --nproc trains with expert parallelism")
+    check_expert_parallel(model.moe, config.ep, nproc)
+    if not (resume or overwrite) and os.path.isdir(config.out) and find_checkpoint(config.out) is not None:
+        raise ValueError(f"{config.out!r} already holds a run: pass --resume to continue it or --overwrite")
+
+
+def _launch(args: argparse.Namespace, ep: int) -> int:
+    """Run this `moekit train` on args.nproc processes through torchrun (its Python entry point, so no script needs
+    to be on PATH); its output streams through, and its exit status (non-zero if any rank failed) is returned."""
+    child = ["train", "--ep", str(ep)]
+    for action in args.train_parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in ("help", "nproc", "ep") or value is None or value is False:
+            continue
+        child += [action.option_strings[-1]] if value is True else [action.option_strings[-1], str(value)]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+        "-m", "moekit", *child,
+    ]
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # torchrun stops its ranks on SIGTERM; wait for it so none is left behind
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
 
 
 def _cuda() -> bool:
@@ -195,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_FIELDS = {
     "preset", "data", "out", "steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup", "clip", "bf16", "seed",
     "eval_every", "save_every", "keep_checkpoints", "tokenizer", "vocab_size", "max_tokens", "text_field", "device",
-    "weight_decay",
+    "weight_decay", "ep", "dist_timeout",
 }
 
 
@@ -235,10 +296,16 @@ def _add_train(sub) -> None:
     train.add_argument("--save-every", type=int, help="steps between checkpoints, 0 = only at the end (default 100)")
     train.add_argument("--keep-checkpoints", type=int, help="checkpoints kept, 0 = all (default 2)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda if available")
+    train.add_argument("--nproc", type=_positive, help="processes on this machine (default 1); more than one "
+                       "re-launches the command through torchrun and trains with expert parallelism over them")
+    train.add_argument("--ep", type=_positive, help="expert-parallel ranks: a divisor of the processes, the rest is "
+                       "data parallel (default: all the processes, --nproc or torchrun's)")
+    train.add_argument("--dist-timeout", type=float, help="seconds a collective waits for the other ranks before "
+                       "the run fails (a dead or stuck rank; default 300)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument("--json", action="store_true", help="print only the result, as JSON")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, train_parser=train)
 
 
 def _add_generate(sub) -> None:

@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 from moekit.models.lm import MoELM
 from moekit.parallel import (
-    build_mesh, data_parallel, expert_parameters, full_model_state, full_optimizer_state, shard_experts, shard_model_state,
-    shard_optimizer_state,
+    build_mesh, data_parallel, expert_parameters, full_model_state, full_optimizer_state, shard_experts,
+    shard_model_state, shard_optimizer_state,
 )
 from moekit.presets import get_preset
 from moekit.train import checkpoint as ckpt

@@ -100,11 +100,15 @@ def _check_case(rank: int, world: int, mesh, case: dict) -> None:
 def _worker(rank: int, world: int, layouts: list[int], cases: list[str]) -> None:
     for ep_size in layouts:
         mesh = build_mesh(ep_size)
+        for refused in (dict(capacity_factor=1.25), dict(router="expert_choice")):  # they depend on the whole batch
+            with pytest.raises(ValueError, match="not supported over"):
+                shard_experts(MoE(MoEConfig(d_model=D, d_ff=FF, num_experts=8, top_k=2, **refused)), mesh)
         for name in cases:
             try:
                 _check_case(rank, world, mesh, CASES[name])
             except AssertionError as err:
-                raise AssertionError(f"ep={ep_size}, dp={world // ep_size}, case {name!r}, rank {rank}: {err}") from None
+                where = f"ep={ep_size}, dp={world // ep_size}, case {name!r}, rank {rank}"
+                raise AssertionError(f"{where}: {err}") from None
         dist.barrier()
 
 

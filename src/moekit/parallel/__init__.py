@@ -10,12 +10,12 @@ data parallelism for everything else. See docs/expert_parallel.md.
 from moekit.parallel.all_to_all import AllToAllDispatcher, CommBytes, count_bytes
 from moekit.parallel.checkpoint import full_model_state, full_optimizer_state, shard_model_state, shard_optimizer_state
 from moekit.parallel.expert_parallel import (
-    ExpertParallel, clip_grad_norm_, data_parallel, expert_parameters, shard_experts,
+    ExpertParallel, check_expert_parallel, clip_grad_norm_, data_parallel, expert_parameters, shard_experts,
 )
 from moekit.parallel.mesh import DEFAULT_TIMEOUT_S, build_mesh, init_distributed
 
 __all__ = [
-    "AllToAllDispatcher", "CommBytes", "DEFAULT_TIMEOUT_S", "ExpertParallel", "build_mesh", "clip_grad_norm_",
-    "count_bytes", "data_parallel", "expert_parameters", "full_model_state", "full_optimizer_state",
+    "AllToAllDispatcher", "CommBytes", "DEFAULT_TIMEOUT_S", "ExpertParallel", "build_mesh", "check_expert_parallel",
+    "clip_grad_norm_", "count_bytes", "data_parallel", "expert_parameters", "full_model_state", "full_optimizer_state",
     "init_distributed", "shard_experts", "shard_model_state", "shard_optimizer_state",
 ]

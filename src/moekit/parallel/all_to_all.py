@@ -182,7 +182,8 @@ class AllToAllDispatcher:
             )
             key_R = (chunk_R % L) * W + chunk_R // L  # (local expert, source): stable sort keeps each source's order
             order_R = torch.sort(key_R, stable=True).indices
-            inverse_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(order_R.numel(), device=x_MD.device))
+            rows_R = torch.arange(order_R.numel(), device=x_MD.device)
+            inverse_R = torch.empty_like(order_R).scatter_(0, order_R, rows_R)
             x_RD = x_RD.index_select(0, order_R)
             if scale_R is not None:
                 scale_R = scale_R.index_select(0, order_R)

@@ -34,6 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
+from moekit.config import MoEConfig
 from moekit.layers.dispatch import DispatchPlan
 from moekit.layers.experts import Experts
 from moekit.layers.moe import MoE, moe_layers
@@ -95,6 +96,39 @@ class ExpertParallel:
         return dist_fn.all_reduce(x)
 
 
+def check_expert_parallel(config: MoEConfig, ep: int, world: int | None = None) -> None:
+    """Refuse an MoE layer config that a run over several ranks cannot compute as one process would.
+
+    Every rank routes only its own share of the batch. Token-choice routing without capacity decides each token
+    alone, so that changes nothing; but a capacity (C = cf * T * K / E, filled in batch order) and expert-choice
+    routing (each expert takes its top-C tokens of the batch) depend on the whole batch: each rank would size and
+    fill them from its own T/world tokens and keep other slots than one process does.
+
+    Args:
+        config: the layer's MoEConfig.
+        ep: expert-parallel ranks.
+        world: ranks sharing the batch (ep x dp); None = ep.
+    Raises:
+        ValueError: the experts do not split evenly over ep ranks, or the routing depends on the whole batch.
+    """
+    if config.num_experts % ep:
+        raise ValueError(f"num_experts={config.num_experts} must be divisible by the expert-parallel size ep={ep}")
+    world = ep if world is None else world
+    if world == 1:
+        return
+    if config.router == "expert_choice":
+        raise ValueError(
+            f"router='expert_choice' is not supported over {world} ranks: each expert picks its tokens from the "
+            "whole batch, and a rank sees only its share; use a token-choice router (topk, deepseek, ...)"
+        )
+    if config.capacity_factor is not None:
+        raise ValueError(
+            f"capacity_factor={config.capacity_factor} is not supported over {world} ranks: each rank would size "
+            "the capacity from its own share of the tokens and drop other slots than one process does; use "
+            "capacity_factor=None (dropless routing)"
+        )
+
+
 def shard_experts(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Keep only this rank's experts in every MoE layer of `model` and route their tokens with all-to-all.
 
@@ -107,11 +141,14 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     Returns:
         The same model, modified in place.
     Raises:
-        ValueError: a layer's num_experts is not divisible by the ep size.
+        ValueError: the model has no MoE layer; a layer's config fails `check_expert_parallel` (num_experts not
+            divisible by the ep size, capacity or expert-choice routing).
     """
     layers = moe_layers(model)
     if not layers:
         raise ValueError("shard_experts: the model has no MoE layer to shard")
+    for layer in layers:
+        check_expert_parallel(layer.config, mesh["ep"].size(), mesh.size())
     for layer in layers:
         if layer.expert_parallel is not None:
             continue
@@ -121,7 +158,8 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         for name in _EXPERT_TENSORS:
             full = getattr(experts, name)
             if full is not None:
-                setattr(experts, name, nn.Parameter(full.detach()[local.start : local.stop].clone(), full.requires_grad))
+                mine = full.detach()[local.start : local.stop].clone()
+                setattr(experts, name, nn.Parameter(mine, full.requires_grad))
         experts.num_experts = len(local)
         layer.expert_parallel = handle
     return model

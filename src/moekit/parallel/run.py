@@ -7,6 +7,7 @@ about the trainer.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -29,15 +30,17 @@ class ParallelRun:
     """
 
     def __init__(self, ep: int, timeout_s: float) -> None:
-        init_distributed(timeout_s)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if ep > self.world or self.world % ep:
+        launched = dist.is_initialized() or "WORLD_SIZE" in os.environ  # torchrun (or the caller) set up the world
+        self.world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        if ep > self.world or self.world % ep or not launched:
             raise ValueError(
                 f"ep={ep} needs a multiple of {ep} processes, this run has {self.world}: launch with "
                 f"`moekit train --nproc {ep} ...` (or torchrun --nproc-per-node {ep} -m moekit train ... --ep {ep})"
             )
+        init_distributed(timeout_s)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.ep = ep
-        self.mesh = build_mesh(ep)
+        self.mesh = build_mesh(ep, timeout_s=timeout_s)
 
     def describe(self) -> str:
         return f"{self.world} ranks: expert parallel {self.ep} x data parallel {self.world // self.ep}"
@@ -84,4 +87,7 @@ class ParallelRun:
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[Callable[[dict], dict], Callable[[dict], dict]]:
         """The `shard` functions of `load_weights` and `load_optimizer` for this rank."""
-        return (lambda full: shard_model_state(model, full)), (lambda full: shard_optimizer_state(optimizer, model, full))
+        return (
+            (lambda full: shard_model_state(model, full)),
+            (lambda full: shard_optimizer_state(optimizer, model, full)),
+        )

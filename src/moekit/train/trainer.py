@@ -8,9 +8,10 @@ global gradient norm, set the scheduled learning rate, `optimizer.step()`, then 
 aux-loss-free balancer's once-per-step update). Under torchrun (`moekit train --nproc N`) the same loop runs with
 expert parallelism (`ep` ranks share each layer's experts, see moekit.parallel): `batch_size` stays the global
 micro-batch, each rank takes its 1/N of every batch, and losses, gradients, clipping and balancing are reduced over
-the ranks, so a run computes what one process would on the same batches (up to float rounding). Everything random is drawn from two generators, torch's global one
-(initialisation, routers with noise) and the data sampler's own; both states go into every checkpoint, with the
-weights and the AdamW moments, so a resumed run computes the same floats as one that was never stopped.
+the ranks, so a run computes what one process would on the same batches (up to float rounding). Everything random
+is drawn from two generators, torch's global one (initialisation, routers with noise) and the data sampler's own;
+both states go into every checkpoint, with the weights and the AdamW moments, so a resumed run computes the same
+floats as one that was never stopped.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ class TrainConfig:
         if self.tokenizer not in ("bpe", "bytes"):
             raise ValueError(f"unknown tokenizer {self.tokenizer!r}: expected 'bpe' or 'bytes'")
         if isinstance(self.ep, bool) or not isinstance(self.ep, int) or self.ep < 1 or not self.dist_timeout > 0:
-            raise ValueError(f"ep must be a positive integer and dist_timeout > 0, got {self.ep!r}, {self.dist_timeout!r}")
+            raise ValueError(
+                f"ep must be a positive integer and dist_timeout > 0, got ep={self.ep!r}, dist_timeout={self.dist_timeout!r}"
+            )
         if self.max_tokens is not None and self.max_tokens < self.seq_len + 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be at least seq_len + 1 = {self.seq_len + 1}")
 
@@ -369,7 +372,10 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         self.step, self.tokens = state["step"], state["tokens"]
-        self.history = _truncate_metrics(self.run_dir, self.step)
+        if self.is_main:  # one writer (the other ranks read what it keeps: the replace is atomic)
+            self.history = _truncate_metrics(self.run_dir, self.step)
+        else:
+            self.history = [r for r in load_metrics(self.run_dir) if r.get("step", 0) <= self.step]
         self.log(f"resumed {self.run_dir} from {found.name} (step {self.step}, {self.tokens:,} tokens)")
 
     # ------------------------------------------------------------------------------------------------- the loop
