@@ -130,7 +130,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-eager", action="store_true")
     p.add_argument("--json", help="write medians and samples to this file")
+    p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc's malloc thresholds alone (default: "
+                   "moekit.runtime.tune_cpu_allocator, as the moekit command does; it applies to every candidate)")
     args = p.parse_args()
+    if not args.no_malloc_tuning:
+        from moekit.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
     if args.family not in mhf.supported_model_types():
         raise SystemExit(f"moekit.hf does not load {args.family} yet: {mhf.supported_model_types()}")
     if args.threads:

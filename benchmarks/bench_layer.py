@@ -336,7 +336,13 @@ def main() -> None:
     p.add_argument("--decode-backward", action="store_true", help="also time fwd+bwd at the decode shapes")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 resists a busy shared machine")
     p.add_argument("--json", help="write every median and sample to this file")
+    p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc's malloc thresholds alone (default: "
+                   "moekit.runtime.tune_cpu_allocator, as the moekit command does; it applies to every candidate)")
     args = p.parse_args()
+    if not args.no_malloc_tuning:
+        from moekit.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
     args.only = [n for n in args.only.split(",") if n and not (args.skip_naive and n == "naive")]
     unknown = set(args.only) - set(CANDIDATES)
     if unknown:
@@ -368,7 +374,8 @@ def main() -> None:
 
     load = (load_before, os.getloadavg()[0])
     print(f"## moekit layer benchmark (torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, "
-          f"load average {load[0]:.1f} at start, {load[1]:.1f} at end)")
+          f"load average {load[0]:.1f} at start, {load[1]:.1f} at end, malloc tuning "
+          f"{'off' if args.no_malloc_tuning else 'on'})")
     for dname in dtypes:
         print_table(rows, dname, bandwidth, args.stat)
     print("\n### Targets\n")

@@ -153,7 +153,13 @@ def main() -> None:
     p.add_argument("--skip-eager", action="store_true", help="leave out HF's eager experts loop")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one training step each")
     p.add_argument("--json", help="write medians and samples to this file")
+    p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc's malloc thresholds alone (default: "
+                   "moekit.runtime.tune_cpu_allocator, as the moekit command does; it applies to every candidate)")
     args = p.parse_args()
+    if not args.no_malloc_tuning:
+        from moekit.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]

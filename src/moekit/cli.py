@@ -398,6 +398,9 @@ def _add_analyze(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from moekit.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # the command owns its process: keep large freed buffers for reuse (see moekit.runtime)
     try:
         return args.func(args)
     except ValueError as err:  # configuration, data and checkpoint errors are the user's to fix: no traceback
