@@ -127,11 +127,11 @@ class _SegmentMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MD: Tensor, w_EDF: Tensor, counts: list[int]) -> Tensor:  # type: ignore[override]
         out_MF = x_MD.new_empty(x_MD.shape[0], w_EDF.shape[-1])
-        start = 0
+        # One C++ call each makes every segment's view (slicing in the loop cost ~25 us per expert in Python).
+        xs, outs, ws = x_MD.split(counts), out_MF.split(counts), w_EDF.unbind(0)
         for e, n in enumerate(counts):
             if n:
-                torch.mm(x_MD[start : start + n], w_EDF[e], out=out_MF[start : start + n])
-                start += n
+                torch.mm(xs[e], ws[e], out=outs[e])
         ctx.save_for_backward(x_MD, w_EDF)
         ctx.counts = counts
         return out_MF
@@ -140,20 +140,21 @@ class _SegmentMM(torch.autograd.Function):
     def backward(ctx, grad_MF: Tensor):  # type: ignore[override]
         x_MD, w_EDF = ctx.saved_tensors
         grad_MF = grad_MF.contiguous()
+        counts = ctx.counts
         grad_x = torch.empty_like(x_MD) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(w_EDF) if ctx.needs_input_grad[1] else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
+        gs, xs, ws = grad_MF.split(counts), x_MD.split(counts), w_EDF.unbind(0)
+        gxs = grad_x.split(counts) if grad_x is not None else None
+        gws = grad_w.unbind(0) if grad_w is not None else None
+        for e, n in enumerate(counts):
             if not n:
-                if grad_w is not None:
-                    grad_w[e].zero_()
+                if gws is not None:
+                    gws[e].zero_()
                 continue
-            g = grad_MF[start : start + n]
-            if grad_x is not None:
-                torch.mm(g, w_EDF[e].t(), out=grad_x[start : start + n])
-            if grad_w is not None:
-                torch.mm(x_MD[start : start + n].t(), g, out=grad_w[e])
-            start += n
+            if gxs is not None:
+                torch.mm(gs[e], ws[e].t(), out=gxs[e])
+            if gws is not None:
+                torch.mm(xs[e].t(), gs[e], out=gws[e])
         return grad_x, grad_w, None
 
 
