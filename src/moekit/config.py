@@ -39,6 +39,21 @@ def _non_negative(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def _positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}a finite number > 0, got {value!r}")
+
+
+def _check_known_fields(cls: type, data: dict[str, Any]) -> None:
+    """A from_dict's guard: every key of `data` names a field of the dataclass `cls`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}: expected a subset of {sorted(known)}")
+
+
 @dataclass
 class MoEConfig:
     """One MoE layer: router, experts, capacity, balancing and shared experts.
@@ -143,9 +158,7 @@ class MoEConfig:
         for name in ("aux_loss_coef", "cv2_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "noise_eps"):
             _non_negative(name, getattr(self, name))
         for name in ("swiglu_alpha", "swiglu_limit"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            _positive(name, getattr(self, name))
         _non_negative("routed_scaling_factor", self.routed_scaling_factor)
         if self.routed_scaling_factor == 0:
             raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
@@ -157,9 +170,7 @@ class MoEConfig:
             raise ValueError("bias_update_rate > 0 needs selection_bias=True (the bias it updates)")
         if self.selection_bias and self.router in ("hash", "expert_choice", "sparsemixer"):
             raise ValueError(f"selection_bias has no effect on the {self.router!r} router")
-        p = self.topk_norm_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
-            raise ValueError(f"topk_norm_p must be a finite number > 0, got {p!r}")
+        _positive("topk_norm_p", self.topk_norm_p)
         _non_negative("sparsemixer_eps", self.sparsemixer_eps)
         _non_negative("input_jitter_eps", self.input_jitter_eps)
         if self.input_jitter_eps >= 1:
@@ -177,10 +188,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MoEConfig field(s) {unknown}: expected a subset of {sorted(known)}")
+        _check_known_fields(cls, data)
         return cls(**data)
 
 
@@ -242,9 +250,7 @@ class MLAConfig:
             _positive_int("q_lora_rank", self.q_lora_rank)
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
-        eps = self.latent_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"latent_norm_eps must be a finite number > 0, got {eps!r}")
+        _positive("latent_norm_eps", self.latent_norm_eps)
 
     @property
     def qk_head_dim(self) -> int:
@@ -253,10 +259,7 @@ class MLAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MLAConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MLAConfig field(s) {unknown}: expected a subset of {sorted(known)}")
+        _check_known_fields(cls, data)
         return cls(**data)
 
 
@@ -341,9 +344,7 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads} (GQA groups)")
         for name in ("rope_theta", "norm_eps", "init_std", "embedding_multiplier", "residual_multiplier",
                      "logits_scaling"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            _positive(name, getattr(self, name))
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
         _choice("norm", self.norm, NORMS)
@@ -351,8 +352,7 @@ class ModelConfig:
             raise ValueError(f"norm_bias=True needs norm='layernorm' (an RMSNorm has no bias), got norm={self.norm!r}")
         a = self.attention_multiplier
         if a is not None:
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-                raise ValueError(f"attention_multiplier must be None or a finite number > 0, got {a!r}")
+            _positive("attention_multiplier", a, allow_none=True)
             if self.mla is not None:
                 raise ValueError("attention_multiplier is not supported with mla (MLA sets its own softmax scale)")
         k = self.first_k_dense
@@ -360,10 +360,7 @@ class ModelConfig:
             raise ValueError(f"first_k_dense must be an integer in [0, n_layers={self.n_layers}], got {k!r}")
         if self.qk_norm is not None:
             _choice("qk_norm", self.qk_norm, QK_NORMS)
-        if self.clip_qkv is not None:
-            c = self.clip_qkv
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
-                raise ValueError(f"clip_qkv must be None or a finite number > 0, got {c!r}")
+        _positive("clip_qkv", self.clip_qkv, allow_none=True)
         if self.sliding_window is not None:
             _positive_int("sliding_window", self.sliding_window)
         if self.window_layers is not None:
@@ -445,10 +442,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Inverse of `to_dict`. Raises ValueError on unknown keys (here or in the nested `moe`/`mla` dicts)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}: expected a subset of {sorted(known)}")
+        _check_known_fields(cls, data)
         data = dict(data)
         if isinstance(data.get("moe"), dict):
             data["moe"] = MoEConfig.from_dict(data["moe"])
@@ -497,7 +491,9 @@ class VisionConfig:
         _choice("pool", self.pool, POOLINGS)
         if self.moe is not None:
             if not isinstance(self.moe, MoEConfig):
-                raise ValueError(f"moe must be a MoEConfig, a dict of its fields, or None; got {type(self.moe).__name__}")
+                raise ValueError(
+                    f"moe must be a MoEConfig, a dict of its fields, or None; got {type(self.moe).__name__}"
+                )
             if self.moe.d_model != self.d_model:
                 raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
             if self.moe.router == "hash":
@@ -505,9 +501,7 @@ class VisionConfig:
             if self.moe.seq_aux_loss_coef:
                 raise ValueError("seq_aux_loss_coef (DeepSeek-V3's sequence-wise loss) is for language models")
         for name in ("norm_eps", "init_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            _positive(name, getattr(self, name))
 
     @property
     def num_patches(self) -> int:
@@ -521,8 +515,5 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VisionConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VisionConfig field(s) {unknown}: expected a subset of {sorted(known)}")
+        _check_known_fields(cls, data)
         return cls(**data)
