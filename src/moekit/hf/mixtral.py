@@ -47,28 +47,38 @@ def config_from_hf(c: HFConfig) -> ModelConfig:
 def import_weights(model: MoELM, ckpt: CheckpointReader, dtype: torch.dtype) -> Iterator[Weight]:
     """(moekit name, tensor, source) for every parameter, read from transformers' Mixtral names."""
     yield from import_skeleton(model, ckpt, dtype)
+    yield from import_sparse_moe(model, ckpt, dtype, fused_router="mlp.gate.weight")
+
+
+def import_sparse_moe(model: MoELM, ckpt: CheckpointReader, dtype: torch.dtype, fused_router: str) -> Iterator[Weight]:
+    """Every layer's router and experts from Mixtral's `block_sparse_moe` names (or transformers 5's fused ones,
+    whose router is `model.layers.{i}.<fused_router>`); PhiMoE stores its experts the same way."""
     for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}."
+        p, b = f"model.layers.{i}.", f"blocks.{i}.ffn."
         E = block.ffn.config.num_experts
-        if p + "mlp.gate.weight" in ckpt:  # transformers 5's in-memory (fused) names
-            yield f"blocks.{i}.ffn.router.weight", ckpt.take(p + "mlp.gate.weight", dtype), p + "mlp.gate.weight"
-            name = p + "mlp.experts.gate_up_proj"
-            yield f"blocks.{i}.ffn.experts.w_in", ckpt.take(name, dtype).transpose(1, 2).contiguous(), name
-            name = p + "mlp.experts.down_proj"
-            yield f"blocks.{i}.ffn.experts.w_out", ckpt.take(name, dtype).transpose(1, 2).contiguous(), name
+        if p + fused_router in ckpt:  # transformers 5's in-memory (fused) names
+            yield b + "router.weight", ckpt.take(p + fused_router, dtype), p + fused_router
+            for ours, theirs in (("w_in", "gate_up_proj"), ("w_out", "down_proj")):
+                name = p + "mlp.experts." + theirs
+                yield b + "experts." + ours, ckpt.take(name, dtype).transpose(1, 2).contiguous(), name
             continue
         m = p + "block_sparse_moe."
-        yield f"blocks.{i}.ffn.router.weight", ckpt.take(m + "gate.weight", dtype), m + "gate.weight"
+        yield b + "router.weight", ckpt.take(m + "gate.weight", dtype), m + "gate.weight"
         gate_up = [(f"{m}experts.{j}.w1.weight", f"{m}experts.{j}.w3.weight") for j in range(E)]
         w_in = ckpt.take_stacked(gate_up, dtype, lambda gate, up: torch.cat((gate, up)).T)
-        yield f"blocks.{i}.ffn.experts.w_in", w_in, f"{m}experts.*.w1/w3.weight"
+        yield b + "experts.w_in", w_in, f"{m}experts.*.w1/w3.weight"
         w_out = ckpt.take_stacked([f"{m}experts.{j}.w2.weight" for j in range(E)], dtype, lambda down: down.T)
-        yield f"blocks.{i}.ffn.experts.w_out", w_out, f"{m}experts.*.w2.weight"
+        yield b + "experts.w_out", w_out, f"{m}experts.*.w2.weight"
 
 
 def export_weights(model: MoELM) -> dict[str, Tensor]:
     """Every parameter under the names released Mixtral checkpoints (and transformers' save_pretrained) use."""
-    out = export_skeleton(model)
+    return {**export_skeleton(model), **export_sparse_moe(model)}
+
+
+def export_sparse_moe(model: MoELM) -> dict[str, Tensor]:
+    """Every layer's router and experts under the released `block_sparse_moe` names (Mixtral, PhiMoE)."""
+    out = {}
     for i, block in enumerate(model.blocks):
         m = f"model.layers.{i}.block_sparse_moe."
         out[m + "gate.weight"] = block.ffn.router.weight

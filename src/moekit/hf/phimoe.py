@@ -40,6 +40,7 @@ from moekit.hf.common import (
     Weight, check_fields, export_skeleton, import_skeleton, model_config, reject_unsupported, rope_from_hf,
     skeleton_config,
 )  # fmt: skip
+from moekit.hf.mixtral import export_sparse_moe, import_sparse_moe
 from moekit.models.lm import MoELM
 
 MODEL_TYPES = ("phimoe",)
@@ -93,35 +94,12 @@ def _longrope(c: HFConfig, scaling: dict[str, Any]) -> dict[str, Any]:
 def import_weights(model: MoELM, ckpt: CheckpointReader, dtype: torch.dtype) -> Iterator[Weight]:
     """(moekit name, tensor, source) for every parameter, read from transformers' PhiMoE names."""
     yield from import_skeleton(model, ckpt, dtype)  # norm, attention and head biases included
-    for i, block in enumerate(model.blocks):
-        p, b = f"model.layers.{i}.", f"blocks.{i}.ffn."
-        if p + "mlp.router.weight" in ckpt:  # transformers 5's in-memory (fused) names
-            yield b + "router.weight", ckpt.take(p + "mlp.router.weight", dtype), p + "mlp.router.weight"
-            for ours, theirs in (("w_in", "gate_up_proj"), ("w_out", "down_proj")):
-                name = p + "mlp.experts." + theirs
-                yield b + "experts." + ours, ckpt.take(name, dtype).transpose(1, 2).contiguous(), name
-            continue
-        m, E = p + "block_sparse_moe.", block.ffn.config.num_experts
-        yield b + "router.weight", ckpt.take(m + "gate.weight", dtype), m + "gate.weight"
-        gate_up = [(f"{m}experts.{j}.w1.weight", f"{m}experts.{j}.w3.weight") for j in range(E)]
-        w_in = ckpt.take_stacked(gate_up, dtype, lambda gate, up: torch.cat((gate, up)).T)
-        yield b + "experts.w_in", w_in, f"{m}experts.*.w1/w3.weight"
-        w_out = ckpt.take_stacked([f"{m}experts.{j}.w2.weight" for j in range(E)], dtype, lambda down: down.T)
-        yield b + "experts.w_out", w_out, f"{m}experts.*.w2.weight"
+    yield from import_sparse_moe(model, ckpt, dtype, fused_router="mlp.router.weight")
 
 
 def export_weights(model: MoELM) -> dict[str, Tensor]:
     """Every parameter under the names released PhiMoE checkpoints (and transformers' save_pretrained) use."""
-    out = export_skeleton(model)
-    for i, block in enumerate(model.blocks):
-        m, F = f"model.layers.{i}.block_sparse_moe.", block.ffn.config.d_ff
-        out[m + "gate.weight"] = block.ffn.router.weight
-        for j in range(block.ffn.config.num_experts):
-            gate, up = block.ffn.experts.w_in[j].T.split([F, F])
-            out[f"{m}experts.{j}.w1.weight"] = gate
-            out[f"{m}experts.{j}.w3.weight"] = up
-            out[f"{m}experts.{j}.w2.weight"] = block.ffn.experts.w_out[j].T
-    return out
+    return {**export_skeleton(model), **export_sparse_moe(model)}
 
 
 def check_exportable(model: MoELM) -> None:
