@@ -217,6 +217,17 @@ def check_layer_types(c: HFConfig, types: Any, n: int) -> None:
         raise HFCheckpointError(f"{c.model_type} layer_types {unknown} are not supported (sliding/full attention only)")
 
 
+def check_all_moe(model: MoELM, family: str, article: str = "a", heads_fill_d_model: bool = False) -> None:
+    """Raise a ValueError unless every layer of `model` is MoE (families without dense layers) and, with
+    `heads_fill_d_model`, unless head_dim * n_heads == d_model (formats that store no head_dim)."""
+    cfg = model.config
+    if cfg.moe is None or not all(block.is_moe for block in model.blocks):
+        raise ValueError(f"{article} {family} checkpoint needs every layer to be MoE (this model has dense layers)")
+    if heads_fill_d_model and cfg.head_size * cfg.n_heads != cfg.d_model:
+        raise ValueError(f"{article} {family} checkpoint needs head_dim * n_heads == d_model, this model has "
+                         f"{cfg.head_size} * {cfg.n_heads} != {cfg.d_model}")  # fmt: skip
+
+
 def check_fields(obj: Any, label: str, family: str, wanted: dict[str, Any]) -> None:
     """ValueError naming the first field of `obj` (a config) that differs from what `family`'s format can hold."""
     for name, value in wanted.items():

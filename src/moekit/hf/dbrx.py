@@ -34,7 +34,7 @@ from torch import Tensor
 from moekit.analysis.arch import HFConfig
 from moekit.config import ModelConfig, MoEConfig
 from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError
-from moekit.hf.common import Weight, check_fields, dtype_name, reject_unsupported, rope_from_hf
+from moekit.hf.common import Weight, check_all_moe, check_fields, dtype_name, reject_unsupported, rope_from_hf
 from moekit.models.lm import MoELM
 
 MODEL_TYPES = ("dbrx",)
@@ -135,11 +135,7 @@ def export_weights(model: MoELM) -> dict[str, Tensor]:
 def check_exportable(model: MoELM) -> None:
     """Raise a ValueError naming the first feature a DBRX checkpoint cannot express."""
     cfg = model.config
-    if cfg.moe is None or not all(block.is_moe for block in model.blocks):
-        raise ValueError("a DBRX checkpoint needs every layer to be MoE (this model has dense layers)")
-    if cfg.head_size * cfg.n_heads != cfg.d_model:
-        raise ValueError(f"a DBRX checkpoint needs head_dim * n_heads == d_model, this model has "
-                         f"{cfg.head_size} * {cfg.n_heads} != {cfg.d_model}")  # fmt: skip
+    check_all_moe(model, "DBRX", heads_fill_d_model=True)
     check_fields(cfg, "", "DBRX", dict(
         norm="layernorm", norm_eps=NORM_EPS, tie_embeddings=False, qkv_bias=False, o_bias=False, qk_norm=None,
         attn_sinks=False, sliding_window=None,

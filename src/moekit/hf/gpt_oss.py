@@ -22,8 +22,8 @@ from moekit.analysis.arch import HFConfig
 from moekit.config import MoEConfig, ModelConfig
 from moekit.hf.checkpoint import CheckpointReader
 from moekit.hf.common import (
-    Weight, check_fields, check_layer_types, export_skeleton, import_skeleton, model_config, reject_unsupported,
-    rope_from_hf, skeleton_config,
+    Weight, check_all_moe, check_fields, check_layer_types, export_skeleton, import_skeleton, model_config,
+    reject_unsupported, rope_from_hf, skeleton_config,
 )  # fmt: skip
 from moekit.models.lm import MoELM
 
@@ -103,8 +103,7 @@ def export_weights(model: MoELM) -> dict[str, Tensor]:
 def check_exportable(model: MoELM) -> None:
     """Raise a ValueError naming the first feature a GPT-OSS checkpoint cannot express."""
     cfg = model.config
-    if cfg.moe is None or not all(block.is_moe for block in model.blocks):
-        raise ValueError("a GPT-OSS checkpoint needs every layer to be MoE (this model has dense layers)")
+    check_all_moe(model, "GPT-OSS")
     check_fields(cfg, "", "GPT-OSS", dict(attn_sinks=True, o_bias=cfg.qkv_bias, qk_norm=None, clip_qkv=None))
     check_fields(cfg.moe, "moe.", "GPT-OSS", dict(
         activation="swiglu_oai", expert_bias=True, router="topk", softmax_order="topk_softmax", router_bias=True,

@@ -31,7 +31,8 @@ from moekit.analysis.arch import HFConfig
 from moekit.config import ModelConfig, MoEConfig
 from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError
 from moekit.hf.common import (
-    Weight, check_fields, export_skeleton, import_skeleton, model_config, reject_unsupported, skeleton_config,
+    Weight, check_all_moe, check_fields, export_skeleton, import_skeleton, model_config, reject_unsupported,
+    skeleton_config,
 )  # fmt: skip
 from moekit.models.lm import MoELM
 
@@ -103,8 +104,7 @@ def export_weights(model: MoELM) -> dict[str, Tensor]:
 def check_exportable(model: MoELM, model_type: str) -> None:
     """Raise a ValueError naming the first feature a Granite MoE checkpoint of `model_type` cannot express."""
     cfg, name = model.config, ARCHITECTURES[model_type].removesuffix("ForCausalLM")
-    if cfg.moe is None or not all(block.is_moe for block in model.blocks):
-        raise ValueError(f"a {name} checkpoint needs every layer to be MoE (this model has dense layers)")
+    check_all_moe(model, name)
     check_fields(cfg, "", name, dict(o_bias=cfg.qkv_bias, qk_norm=None, clip_qkv=None, attn_sinks=False,
                                      sliding_window=None))  # fmt: skip
     check_fields(cfg.moe, "moe.", name, dict(

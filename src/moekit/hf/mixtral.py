@@ -20,7 +20,9 @@ from torch import Tensor
 from moekit.analysis.arch import HFConfig
 from moekit.config import MoEConfig, ModelConfig
 from moekit.hf.checkpoint import CheckpointReader
-from moekit.hf.common import Weight, check_fields, export_skeleton, import_skeleton, rope_from_hf, skeleton_config
+from moekit.hf.common import (
+    Weight, check_all_moe, check_fields, export_skeleton, import_skeleton, rope_from_hf, skeleton_config,
+)  # fmt: skip
 from moekit.models.lm import MoELM
 
 MODEL_TYPES = ("mixtral",)
@@ -94,8 +96,7 @@ def export_sparse_moe(model: MoELM) -> dict[str, Tensor]:
 def check_exportable(model: MoELM) -> None:
     """Raise a ValueError naming the first feature a Mixtral checkpoint cannot express."""
     cfg = model.config
-    if cfg.moe is None or not all(block.is_moe for block in model.blocks):
-        raise ValueError("a Mixtral checkpoint needs every layer to be MoE (this model has dense layers)")
+    check_all_moe(model, "Mixtral")
     moe = cfg.moe
     wanted = dict(activation="swiglu", router="topk", softmax_order="topk_softmax", expert_bias=False,
                   router_bias=False, num_shared_experts=0, selection_bias=False)  # fmt: skip

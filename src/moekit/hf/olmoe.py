@@ -18,7 +18,7 @@ from moekit.analysis.arch import HFConfig
 from moekit.config import ModelConfig
 from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError
 from moekit.hf.common import (
-    Weight, check_fields, export_experts, export_skeleton, import_experts, import_skeleton, model_config,
+    Weight, check_all_moe, check_fields, export_experts, export_skeleton, import_experts, import_skeleton, model_config,
     reject_unsupported, skeleton_config,
 )  # fmt: skip
 from moekit.hf.qwen2_moe import moe_config
@@ -67,11 +67,7 @@ def export_weights(model: MoELM) -> dict[str, Tensor]:
 def check_exportable(model: MoELM) -> None:
     """Raise a ValueError naming the first feature an OLMoE checkpoint cannot express."""
     cfg = model.config
-    if cfg.moe is None or not all(block.is_moe for block in model.blocks):
-        raise ValueError("an OLMoE checkpoint needs every layer to be MoE (this model has dense layers)")
-    if cfg.head_size * cfg.n_heads != cfg.d_model:
-        raise ValueError(f"an OLMoE checkpoint needs head_dim * n_heads == d_model, this model has "
-                         f"{cfg.head_size} * {cfg.n_heads} != {cfg.d_model}")  # fmt: skip
+    check_all_moe(model, "OLMoE", article="an", heads_fill_d_model=True)
     check_fields(cfg, "", "OLMoE", dict(qk_norm="proj", o_bias=cfg.qkv_bias, attn_sinks=False, sliding_window=None))
     check_fields(cfg.moe, "moe.", "OLMoE", dict(
         activation="swiglu", router="topk", softmax_order="softmax_topk", expert_bias=False, router_bias=False,

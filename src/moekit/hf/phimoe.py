@@ -37,8 +37,8 @@ from moekit.analysis.arch import HFConfig
 from moekit.config import ModelConfig, MoEConfig
 from moekit.hf.checkpoint import CheckpointReader, HFCheckpointError
 from moekit.hf.common import (
-    Weight, check_fields, export_skeleton, import_skeleton, model_config, reject_unsupported, rope_from_hf,
-    skeleton_config,
+    Weight, check_all_moe, check_fields, export_skeleton, import_skeleton, model_config, reject_unsupported,
+    rope_from_hf, skeleton_config,
 )  # fmt: skip
 from moekit.hf.mixtral import export_sparse_moe, import_sparse_moe
 from moekit.models.lm import MoELM
@@ -105,8 +105,7 @@ def export_weights(model: MoELM) -> dict[str, Tensor]:
 def check_exportable(model: MoELM) -> None:
     """Raise a ValueError naming the first feature a PhiMoE checkpoint cannot express."""
     cfg = model.config
-    if cfg.moe is None or not all(block.is_moe for block in model.blocks):
-        raise ValueError("a PhiMoE checkpoint needs every layer to be MoE (this model has dense layers)")
+    check_all_moe(model, "PhiMoE")
     check_fields(cfg, "", "PhiMoE", dict(norm="layernorm", norm_bias=True, o_bias=cfg.qkv_bias, qk_norm=None,
                                          clip_qkv=None, attn_sinks=False, window_layers=None))  # fmt: skip
     check_fields(cfg.moe, "moe.", "PhiMoE", dict(
