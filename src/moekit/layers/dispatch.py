@@ -25,10 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.config import CAPACITY_PRIORITIES, OVERFLOW_POLICIES
 from moekit.layers.routing import RouterOutput
-
-OVERFLOW = ("drop", "reroute")
-PRIORITIES = ("position", "score")
 
 
 @dataclass
@@ -104,10 +102,14 @@ def plan(
     Returns:
         The DispatchPlan.
     """
-    if overflow not in OVERFLOW:
-        raise ValueError(f"unknown overflow policy {overflow!r}: expected one of {', '.join(map(repr, OVERFLOW))}")
-    if priority not in PRIORITIES:
-        raise ValueError(f"unknown capacity priority {priority!r}: expected one of {', '.join(map(repr, PRIORITIES))}")
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(
+            f"unknown overflow policy {overflow!r}: expected one of {', '.join(map(repr, OVERFLOW_POLICIES))}"
+        )
+    if priority not in CAPACITY_PRIORITIES:
+        raise ValueError(
+            f"unknown capacity priority {priority!r}: expected one of {', '.join(map(repr, CAPACITY_PRIORITIES))}"
+        )
     if router_output.expert_choice:
         return _plan_expert_choice(router_output, num_experts)
     if priority == "score" and capacity is not None and router_output.indices.shape[0] > 1:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import VisionConfig
-from moekit.layers import MoE, collect_stats
+from moekit.layers import MoE, total_aux_loss
 from moekit.layers.experts import FFN, Experts
 from moekit.layers.routing import Router
 
@@ -51,7 +51,8 @@ class VisionBlock(nn.Module):
 
     def forward(self, x_BSD: Tensor) -> Tensor:
         B, S, D = x_BSD.shape
-        qkv_3BHSX = self.qkv(self.attn_norm(x_BSD)).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        qkv_BS3HX = self.qkv(self.attn_norm(x_BSD)).view(B, S, 3, self.n_heads, D // self.n_heads)
+        qkv_3BHSX = qkv_BS3HX.permute(2, 0, 3, 1, 4)
         a_BHSX = F.scaled_dot_product_attention(qkv_3BHSX[0], qkv_3BHSX[1], qkv_3BHSX[2])  # not causal
         x_BSD = x_BSD + self.proj(a_BHSX.transpose(1, 2).reshape(B, S, D))
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
@@ -124,8 +125,7 @@ class VisionMoE(nn.Module):
         x_BSD = self.norm(x_BSD)
         pooled_BD = x_BSD[:, 0] if self.cls_token is not None else x_BSD.mean(dim=1)
         logits = self.head(pooled_BD)
-        stats = collect_stats(self)  # every MoE layer ran in this forward
-        aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else logits.new_zeros(())
+        aux = total_aux_loss(self).to(logits.device)  # every MoE layer ran in this forward
         loss = None
         if labels is not None:
             if labels.shape != logits.shape[:1] or labels.dtype.is_floating_point:
