@@ -110,7 +110,7 @@ def test_training_learns_and_the_saved_model_loads(tmp_path):
     losses = [r["loss"] for r in result.history]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
     assert result.val_loss < math.log(10) - 0.2  # chance: log(10) nats
-    assert all("max_load" in r and "dropped" in r for r in result.history)
+    assert all("imbalance" in r and "dropped" in r for r in result.history)
     model = load_vision(tmp_path / "run")
     x, y = make_shapes(200, 32, seed=config.seed + 1_000_003)
     assert abs((model(x).logits.argmax(1) == y).float().mean().item() - result.val_accuracy) < 1e-6

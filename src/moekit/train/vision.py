@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from moekit.config import VisionConfig
 from moekit.layers import collect_stats, update_biases
 from moekit.models.vision import VisionMoE
-from moekit.presets import VISION_PRESETS, get_vision_preset
+from moekit.presets import get_vision_preset
 from moekit.train.shapes import make_shapes
-from moekit.train.trainer import lr_at, optimizer_for
+from moekit.train.trainer import load_imbalance, lr_at, optimizer_for
 
 VISION_WEIGHTS = "model.safetensors"
 VISION_CONFIG = "config.json"
@@ -53,8 +53,7 @@ class VisionTrainConfig:
     eval_every: int = 100
 
     def __post_init__(self) -> None:
-        if self.preset not in VISION_PRESETS:
-            raise ValueError(f"unknown vision preset {self.preset!r}: expected one of {', '.join(sorted(VISION_PRESETS))}")
+        get_vision_preset(self.preset)  # an unknown name raises, listing the vision presets
         for name in ("steps", "batch_size", "train_images", "val_images", "eval_every", "warmup"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -79,7 +78,9 @@ class VisionResult:
 
 
 @torch.no_grad()
-def evaluate(model: VisionMoE, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
+def evaluate(
+    model: VisionMoE, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) over a labelled set, in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()
@@ -119,16 +120,16 @@ def train_vision(config: VisionTrainConfig, log: Callable[[str], None] = print) 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_biases(model)
-        record: dict[str, Any] = {"step": step + 1, "loss": float(out.loss.detach()), "aux_loss": float(out.aux_loss.detach())}
+        record: dict[str, Any] = {"step": step + 1, "loss": float(out.loss.detach()),
+                                  "aux_loss": float(out.aux_loss.detach())}
         stats = collect_stats(model)
         if stats:
-            load = torch.stack([s.tokens_per_expert.float() for s in stats])
-            record["max_load"] = float((load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).max())
+            record["imbalance"] = load_imbalance(model)  # max/mean tokens per expert, as the LM trainer reports it
             record["dropped"] = int(sum(int(s.dropped) for s in stats))
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             record["val_accuracy"], record["val_loss"] = evaluate(model, val_x, val_y)
             log(f"step {step + 1}/{config.steps}  loss {record['loss']:.3f}  val acc {record['val_accuracy']:.3f}"
-                + (f"  max/mean load {record['max_load']:.2f}" if "max_load" in record else ""))
+                + (f"  imbalance {record['imbalance']:.2f}" if record.get("imbalance") is not None else ""))
         history.append(record)
     seconds = time.perf_counter() - start_time
     last = history[-1]
