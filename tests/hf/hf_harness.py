@@ -7,7 +7,11 @@ Random init leaves many constants trivial (norm weights 1, biases 0, DeepSeek's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 
 import moekit.hf as mhf
 
@@ -32,6 +36,12 @@ def randomize(hf_model, seed: int = 0, scale: float = 0.05) -> None:
 
 def save_tiny(hf_model, folder) -> None:
     hf_model.save_pretrained(folder)
+
+
+def edit_checkpoint(folder, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    """Rewrite a tiny single-file checkpoint (folder/model.safetensors) as `edit` returns its tensors."""
+    file = Path(folder) / "model.safetensors"
+    save_file(edit(load_file(file)), file, metadata={"format": "pt"})
 
 
 def inputs(vocab: int, batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import moekit.hf as mhf
 from moekit.hf.checkpoint import HFCheckpointError
 
-from hf_harness import assert_same_greedy, assert_same_logits, inputs, randomize, roundtrip
+from hf_harness import assert_same_greedy, assert_same_logits, edit_checkpoint, inputs, randomize, roundtrip
 
 transformers = pytest.importorskip("transformers")
 from transformers import DbrxConfig, DbrxForCausalLM  # noqa: E402
@@ -122,10 +121,7 @@ def test_export_states_the_theta_where_both_readers_find_it(tmp_path):
 
 def test_wrong_expert_matrix_size_is_named(tmp_path):
     _, folder = tiny_dbrx(tmp_path)
-    file = folder / "model.safetensors"
-    tensors = load_file(file)
-    tensors["transformer.blocks.1.ffn.experts.mlp.v1"] = torch.zeros(5 * 16, 32)
-    save_file(tensors, file, metadata={"format": "pt"})
+    edit_checkpoint(folder, lambda t: {**t, "transformer.blocks.1.ffn.experts.mlp.v1": torch.zeros(5 * 16, 32)})
     with pytest.raises(HFCheckpointError, match=r"experts\.mlp\.v1 has shape \(80, 32\), expected \(96, d_model\)"):
         mhf.load_pretrained(folder)
 

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import moekit.hf as mhf
 from moekit.hf.checkpoint import HFCheckpointError
 
-from hf_harness import assert_same_greedy, assert_same_logits, inputs, randomize, roundtrip
+from hf_harness import assert_same_greedy, assert_same_logits, edit_checkpoint, inputs, randomize, roundtrip
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -98,25 +97,26 @@ def test_an_explicit_null_attention_multiplier_is_the_usual_inverse_sqrt_head_di
 
 def test_transformers_in_memory_names_load_too(tmp_path):
     hf, folder = tiny_granite(tmp_path, shared=True)
-    file = folder / "model.safetensors"
     renames = {"router.layer.weight": "router.weight", "input_linear.weight": "experts.gate_up_proj",
                "output_linear.weight": "experts.down_proj"}  # fmt: skip
-    tensors = {}
-    for name, tensor in load_file(file).items():
-        for old, new in renames.items():
-            if "block_sparse_moe." + old in name:
-                name = name.replace(old, new)
-        tensors[name] = tensor
-    save_file(tensors, file, metadata={"format": "pt"})
+
+    def rename(tensors):
+        out = {}
+        for name, tensor in tensors.items():
+            for old, new in renames.items():
+                if "block_sparse_moe." + old in name:
+                    name = name.replace(old, new)
+            out[name] = tensor
+        return out
+
+    edit_checkpoint(folder, rename)
     assert_same_logits(hf, mhf.load_pretrained(folder), inputs(97))
 
 
 def test_missing_shared_mlp_tensor_is_named(tmp_path):
     _, folder = tiny_granite(tmp_path, shared=True)
-    file = folder / "model.safetensors"
-    tensors = load_file(file)
-    tensors.pop("model.layers.1.shared_mlp.output_linear.weight")
-    save_file(tensors, file, metadata={"format": "pt"})
+    dropped = "model.layers.1.shared_mlp.output_linear.weight"
+    edit_checkpoint(folder, lambda t: {k: v for k, v in t.items() if k != dropped})
     with pytest.raises(HFCheckpointError, match=r"model\.layers\.1\.shared_mlp\.output_linear\.weight"):
         mhf.load_pretrained(folder)
 

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import moekit.hf as mhf
 from moekit.hf.checkpoint import HFCheckpointError
 
-from hf_harness import assert_same_greedy, assert_same_logits, inputs, randomize, roundtrip
+from hf_harness import assert_same_greedy, assert_same_logits, edit_checkpoint, inputs, randomize, roundtrip
 
 transformers = pytest.importorskip("transformers")
 from transformers import PhimoeConfig, PhimoeForCausalLM  # noqa: E402
@@ -111,26 +110,26 @@ def test_missing_rope_takes_transformers_default_theta(tmp_path):
 
 def test_transformers_in_memory_names_load_too(tmp_path):
     hf, folder = tiny_phimoe(tmp_path)
-    file = folder / "model.safetensors"
-    tensors = load_file(file)
-    for i in range(2):
-        m = f"model.layers.{i}.block_sparse_moe."
-        tensors[f"model.layers.{i}.mlp.router.weight"] = tensors.pop(m + "gate.weight")
-        gate_up = [torch.cat((tensors.pop(f"{m}experts.{j}.w1.weight"), tensors.pop(f"{m}experts.{j}.w3.weight")))
-                   for j in range(6)]  # fmt: skip
-        tensors[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(gate_up)
-        tensors[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(
-            [tensors.pop(f"{m}experts.{j}.w2.weight") for j in range(6)])
-    save_file(tensors, file, metadata={"format": "pt"})
+
+    def fuse(tensors):
+        for i in range(2):
+            m = f"model.layers.{i}.block_sparse_moe."
+            tensors[f"model.layers.{i}.mlp.router.weight"] = tensors.pop(m + "gate.weight")
+            gate_up = [torch.cat((tensors.pop(f"{m}experts.{j}.w1.weight"), tensors.pop(f"{m}experts.{j}.w3.weight")))
+                       for j in range(6)]  # fmt: skip
+            tensors[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+            tensors[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(
+                [tensors.pop(f"{m}experts.{j}.w2.weight") for j in range(6)])
+        return tensors
+
+    edit_checkpoint(folder, fuse)
     assert_same_logits(hf, mhf.load_pretrained(folder), inputs(97))
 
 
 def test_missing_norm_bias_is_named(tmp_path):
     _, folder = tiny_phimoe(tmp_path)
-    file = folder / "model.safetensors"
-    tensors = load_file(file)
-    tensors.pop("model.layers.1.post_attention_layernorm.bias")
-    save_file(tensors, file, metadata={"format": "pt"})
+    dropped = "model.layers.1.post_attention_layernorm.bias"
+    edit_checkpoint(folder, lambda t: {k: v for k, v in t.items() if k != dropped})
     with pytest.raises(HFCheckpointError, match=r"model\.layers\.1\.post_attention_layernorm\.bias"):
         mhf.load_pretrained(folder)
 
