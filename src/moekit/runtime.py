@@ -3,11 +3,12 @@
 glibc's malloc hands every allocation above a threshold (128 KB, growing to at most 32 MB) to the kernel with mmap
 and gives it back on free. A training or prefill step on a CPU allocates and frees the same large activations
 (tens of MB each: gathered expert rows, hidden activations, their gradients) every time, so every step maps them
-fresh and page-faults them in again: on this project's 2-core VM a 32 MB elementwise multiply into a fresh tensor
-takes 17 ms instead of 8 ms. `tune_cpu_allocator` raises the mmap and trim thresholds so freed blocks stay in the
-process and are reused (the effect of `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`, set after start-up). The
-cost: memory freed by the process is not returned to the system until it exits (its resident size stays at its
-peak). The `moekit` command applies it (opt out with `MOEKIT_MALLOC_TUNING=0`); library users call it themselves.
+fresh and page-faults them in again (on this project's 2-core VM, measured ad hoc, a 32 MB elementwise multiply
+into a fresh tensor took 17 ms instead of 8 ms; `benchmarks/bench_layer.py --no-malloc-tuning` shows the effect).
+`tune_cpu_allocator` raises the mmap and trim thresholds so freed blocks stay in the process and are reused (the
+effect of `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`, set after start-up). The cost: memory freed by the
+process is not returned to the system until it exits (its resident size stays at its peak). The `moekit` command
+applies it (opt out with `MOEKIT_MALLOC_TUNING=0`); library users call it themselves.
 """
 
 from __future__ import annotations
