@@ -128,7 +128,10 @@ def test_load_vision_names_what_is_wrong(tmp_path):
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     del state["head.bias"]
     save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"model": model.config.to_dict()}))
+    with pytest.raises(ValueError, match="carries no moekit vision config"):
+        load_vision(tmp_path)
+    config = json.dumps({"model": model.config.to_dict()})
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"moekit_vision_config": config})
     with pytest.raises(ValueError, match=r"missing \['head.bias'\]"):
         load_vision(tmp_path)
 

@@ -141,7 +141,11 @@ def train_vision(config: VisionTrainConfig, log: Callable[[str], None] = print) 
 
 
 def save_vision(model: VisionMoE, config: VisionTrainConfig, history: list[dict], run_dir: Path) -> None:
-    """model.safetensors, config.json and metrics.jsonl into run_dir, each through a temporary file + rename."""
+    """model.safetensors, config.json and metrics.jsonl into run_dir, each through a temporary file + rename.
+
+    The model config also travels inside model.safetensors (its metadata), and `load_vision` reads it from there:
+    weights and config are replaced together by one rename, whatever point a crash interrupts the save at.
+    """
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +153,7 @@ def save_vision(model: VisionMoE, config: VisionTrainConfig, history: list[dict]
     payload = {"model": model.config.to_dict(), "train": asdict(config)}
     metrics = "".join(json.dumps(r) + "\n" for r in history)
     for name, write in (
-        (VISION_WEIGHTS, lambda p: save_file(state, str(p))),
+        (VISION_WEIGHTS, lambda p: save_file(state, str(p), metadata={"moekit_vision_config": json.dumps(payload)})),
         (VISION_CONFIG, lambda p: p.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")),
         ("metrics.jsonl", lambda p: p.write_text(metrics)),
     ):
@@ -159,20 +163,28 @@ def save_vision(model: VisionMoE, config: VisionTrainConfig, history: list[dict]
 
 
 def load_vision(run_dir: str | os.PathLike) -> VisionMoE:
-    """The model saved by `train_vision(out=...)`, strictly (every tensor present with its shape).
+    """The model saved by `train_vision(out=...)`, strictly (every tensor present with its shape), with the config
+    stored in the weights file itself (config.json is its readable copy).
 
     Raises:
-        FileNotFoundError: run_dir lacks model.safetensors or config.json.
-        ValueError: the weights do not fit the config (names the mismatching tensors).
+        FileNotFoundError: run_dir lacks model.safetensors.
+        ValueError: the file carries no moekit vision config, or the weights do not fit it (names the tensors).
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
-    for name in (VISION_WEIGHTS, VISION_CONFIG):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir} has no {name}: not a vision run directory from `moekit train-vision`")
-    payload = json.loads((run_dir / VISION_CONFIG).read_text())
-    model = VisionMoE(VisionConfig.from_dict(payload["model"]))
+    if not (run_dir / VISION_WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no {VISION_WEIGHTS}: not a vision run directory from `moekit train-vision`"
+        )
+    with safe_open(str(run_dir / VISION_WEIGHTS), framework="pt") as f:
+        stored = (f.metadata() or {}).get("moekit_vision_config")
+    if stored is None:
+        raise ValueError(
+            f"{run_dir / VISION_WEIGHTS} carries no moekit vision config: not saved by `moekit train-vision`"
+        )
+    model = VisionMoE(VisionConfig.from_dict(json.loads(stored)["model"]))
     state = load_file(str(run_dir / VISION_WEIGHTS))
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
