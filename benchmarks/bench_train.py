@@ -16,8 +16,11 @@ Candidates:
 Methodology:
   - Training: one step = forward on [B, S] tokens, loss (cross-entropy + the load-balancing loss each model's
     recipe uses: HF's router_aux_loss_coef 0.01 * Switch loss via output_router_logits; ours 0.01 * Switch +
-    0.001 * z-loss), backward, AdamW step (foreach, lr 1e-4), zero_grad. Tokens/s = B*S / step time. Both score
+    0.001 * z-loss), backward, AdamW step (lr 1e-4), zero_grad. Tokens/s = B*S / step time. Both score
     the same S-1 next-token targets (HF shifts `labels` itself; ours gets them shifted with the last one -100).
+    The optimizer is the same for both: torch's fused AdamW, what `moekit train` uses and `transformers.Trainer`'s
+    default (optim="adamw_torch_fused" on torch >= 2.8); `--foreach-adamw` times torch's foreach AdamW instead
+    (30 ms more per step on the 2-core CPU, on both sides).
   - Decode: batch 1, a 16-token prompt, 64 new tokens, greedy, each through its own generate with its own KV cache:
     `moekit.generate.generate(..., greedy=True)` and HF `model.generate(..., do_sample=False, max_new_tokens=64,
     min_new_tokens=64)`. Tokens/s = 64 / time of the whole call (prefill included). Both must produce the same
@@ -27,7 +30,7 @@ Methodology:
     machine, contention slows the many-small-op paths most: the load average at start and end is printed.
 
 Usage: python benchmarks/bench_train.py [--batch 8] [--seq 128] [--repeats 7] [--threads N] [--skip-eager]
-       [--profile] [--json out.json]
+       [--foreach-adamw] [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from moekit import MoELM
 from moekit.generate import generate
@@ -65,9 +67,9 @@ def to_hf_mixtral(model: MoELM, experts_implementation: str):
     return hf
 
 
-def train_step_fn(name: str, model, ids_BS1: torch.Tensor):
+def train_step_fn(name: str, model, ids_BS1: torch.Tensor, fused: bool = True):
     """One training step of `model` on ids [B, S+1] as a closure; returns the loss."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if fused else {"foreach": True}))
     inputs_BS = ids_BS1[:, :-1]
     if name == "moekit":
         targets_BS = ids_BS1[:, 1:].clone()
@@ -151,6 +153,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-eager", action="store_true", help="leave out HF's eager experts loop")
+    p.add_argument("--foreach-adamw", action="store_true", help="time torch's foreach AdamW (both sides) instead of "
+                   "the fused one")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one training step each")
     p.add_argument("--json", help="write medians and samples to this file")
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc's malloc thresholds alone (default: "
@@ -176,7 +180,8 @@ def main() -> None:
     prompt = ids[:1, : args.prompt]
     check_agreement(models, ids[:, : args.seq], prompt, args.new_tokens)
 
-    train = round_robin({n: train_step_fn(n, m, ids) for n, m in models.items()}, args.repeats, args.warmup)
+    fused = not args.foreach_adamw
+    train = round_robin({n: train_step_fn(n, m, ids, fused) for n, m in models.items()}, args.repeats, args.warmup)
     for m in models.values():
         m.eval()
     decode = round_robin({n: decode_fn(n, m, prompt, args.new_tokens) for n, m in models.items()},
@@ -185,15 +190,17 @@ def main() -> None:
         for m in models.values():
             m.train()
         for name, m in models.items():
-            profile_step(name, train_step_fn(name, m, ids))
+            profile_step(name, train_step_fn(name, m, ids, fused))
 
     tokens = args.batch * args.seq
     train_tps = {n: tokens / statistics.median(t) for n, t in train.items()}
     decode_tps = {n: args.new_tokens / statistics.median(t) for n, t in decode.items()}
     hf_names = [n for n in models if n != "moekit"]
+    adamw = "foreach" if args.foreach_adamw else "fused"
     print(f"\n{args.preset}: {ours.num_params():,} params ({ours.active_params():,} active), float32, "
-          f"{torch.get_num_threads()} threads; train batch [{args.batch}, {args.seq}] with AdamW; decode batch 1, "
-          f"prompt {args.prompt}, {args.new_tokens} new tokens greedy; median of {args.repeats} interleaved rounds; "
+          f"{torch.get_num_threads()} threads; train batch [{args.batch}, {args.seq}] with {adamw} AdamW; decode "
+          f"batch 1, prompt {args.prompt}, {args.new_tokens} new tokens greedy; median of {args.repeats} interleaved "
+          f"rounds; "
           f"load average {load_start:.1f} -> {os.getloadavg()[0]:.1f}\n")
     header = "| | moekit | " + " | ".join(hf_names) + " | " + " | ".join(f"moekit / {n}" for n in hf_names) + " |"
     print(header)

@@ -104,8 +104,10 @@ def test_shapes_dataset_is_deterministic_and_balanced():
 
 
 def test_training_learns_and_the_saved_model_loads(tmp_path):
-    config = VisionTrainConfig(preset="tiny-vmoe", steps=40, batch_size=32, train_images=640, val_images=200,
-                               eval_every=40, lr=2e-3, out=str(tmp_path / "run"))
+    # 60 steps at the default lr: every seed tried (0-2) ends >= 0.33 nats below its start and <= 1.97 on
+    # validation. 40 steps at lr 2e-3 was on a knife's edge: a last-bit change of the optimizer moved it across.
+    config = VisionTrainConfig(preset="tiny-vmoe", steps=60, batch_size=32, train_images=640, val_images=200,
+                               eval_every=60, out=str(tmp_path / "run"))
     result = train_vision(config, log=lambda _: None)
     losses = [r["loss"] for r in result.history]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2

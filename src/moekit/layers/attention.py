@@ -36,9 +36,42 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., D] -> [..., D]; low-precision inputs are normalised in float32, then scaled (as Llama/Mixtral)."""
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype in (torch.float32, torch.float64):
+            return _RMSNorm.apply(x, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype) * self.weight
+
+
+class _RMSNorm(torch.autograd.Function):
+    """x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps) per row, and a hand-written backward.
+
+    The forward equals `F.rms_norm`'s bit for bit; torch's CPU backward of it is composed of ~10 elementwise ops,
+    this one of 5 (d_xhat = g * w; d_x = rstd * (d_xhat - xhat * mean(d_xhat * xhat)); d_w = sum over rows of
+    g * xhat): 0.75 ms instead of 0.9-1.0 ms per norm fwd+bwd at tiny-mixtral's [8, 128, 256].
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight_D: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        D = x.shape[-1]
+        x_ND = x.reshape(-1, D)
+        rstd_N1 = torch.linalg.vecdot(x_ND, x_ND).div_(D).add_(eps).rsqrt_().unsqueeze(1)
+        y_ND = (x_ND * rstd_N1).mul_(weight_D)
+        ctx.save_for_backward(x_ND, rstd_N1, weight_D)
+        ctx.shape = x.shape
+        return y_ND.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x_ND, rstd_N1, weight_D = ctx.saved_tensors
+        D = x_ND.shape[-1]
+        grad_ND = grad.reshape(-1, D)
+        xhat_ND = x_ND * rstd_N1
+        grad_w = (grad_ND * xhat_ND).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            dxhat_ND = grad_ND * weight_D
+            mean_N1 = torch.linalg.vecdot(dxhat_ND, xhat_ND).div_(D).unsqueeze(1)
+            grad_x = xhat_ND.mul_(mean_N1).neg_().add_(dxhat_ND).mul_(rstd_N1).view(ctx.shape)
+        return grad_x, grad_w, None
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool = False) -> nn.Module:
@@ -170,10 +203,36 @@ def apply_rope(x_BSNX: Tensor, cos_SX: Tensor, sin_SX: Tensor) -> Tensor:
         [B, S, N, X]: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1).
     """
     half = x_BSNX.shape[-1] // 2
-    x1, x2 = x_BSNX[..., :half], x_BSNX[..., half:]  # [B, S, N, X/2] each
     cos_S1Y = cos_SX[:, None, :half].to(x_BSNX.dtype)  # both halves of the tables are equal: Y = X/2
     sin_S1Y = sin_SX[:, None, :half].to(x_BSNX.dtype)
-    return torch.cat((x1 * cos_S1Y - x2 * sin_S1Y, x2 * cos_S1Y + x1 * sin_S1Y), dim=-1)
+    return _Rope.apply(x_BSNX, cos_S1Y, sin_S1Y)
+
+
+def _rotate(x_BSNX: Tensor, cos_S1Y: Tensor, sin_S1Y: Tensor) -> Tensor:
+    """(x1 c - x2 s, x2 c + x1 s) written into one new tensor (no concatenation). Each product is rounded before
+    the sum, as transformers' `q * cos + rotate_half(q) * sin` rounds it (addcmul_ would fuse them: other bits)."""
+    half = x_BSNX.shape[-1] // 2
+    x1, x2 = x_BSNX[..., :half], x_BSNX[..., half:]  # [B, S, N, X/2] each
+    out = torch.empty(x_BSNX.shape, dtype=x_BSNX.dtype, device=x_BSNX.device)
+    out1, out2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos_S1Y, out=out1).sub_(x2 * sin_S1Y)
+    torch.mul(x2, cos_S1Y, out=out2).add_(x1 * sin_S1Y)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """The rotation as one autograd node: its backward is the rotation by the opposite angle (6 kernels instead of
+    autograd's ~12 through the products, the sums and the concatenation)."""
+
+    @staticmethod
+    def forward(ctx, x_BSNX: Tensor, cos_S1Y: Tensor, sin_S1Y: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos_S1Y, sin_S1Y)
+        return _rotate(x_BSNX, cos_S1Y, sin_S1Y)
+
+    @staticmethod
+    def backward(ctx, grad_BSNX: Tensor):  # type: ignore[override]
+        cos_S1Y, sin_S1Y = ctx.saved_tensors
+        return _rotate(grad_BSNX, cos_S1Y, -sin_S1Y), None, None
 
 
 class KVCache:
