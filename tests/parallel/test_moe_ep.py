@@ -118,3 +118,43 @@ def test_two_ranks_match_one_process_in_every_routing_case():
 
 def test_four_ranks_match_one_process_as_ep4_and_as_ep2_times_dp2():
     run_on_ranks(_worker, 4, [4, 2], ["uniform-losses-shared", "skewed", "all-on-one-expert", "rank-without-tokens"])
+
+
+def _accumulation_worker(rank: int, world: int) -> None:
+    """Two micro-batches, the first under `no_sync`: the gradients equal the reference's accumulated ones, and the
+    world DDP reduced buckets during the second backward only."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from moekit.parallel import no_sync
+
+    case = CASES["uniform-losses-shared"]
+    ref, ep, ddp = _reference_and_sharded(case, build_mesh(2))
+    reductions = []
+
+    def counting_hook(state, bucket):
+        reductions.append(1)
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
+    B, S = case["tokens"]
+    torch.manual_seed(2)
+    for micro in range(2):
+        x_global, g_global = torch.randn(world * B, S, D), torch.randn(world * B, S, D)
+        (ref(x_global) * g_global).sum().div(world).add(ref.last.aux_loss).backward()
+        rows = slice(rank * B, (rank + 1) * B)
+        with no_sync(ddp) if micro == 0 else torch.enable_grad():
+            ((ddp(x_global[rows]) * g_global[rows]).sum() + ep.last.aux_loss).backward()
+        if micro == 0:
+            assert not reductions, "no_sync still reduced gradients"
+    assert reductions, "the last micro-batch's backward reduced nothing"
+    sharded, ref_params = expert_parameters(ep), dict(ref.named_parameters())
+    local = ep.expert_parallel.dispatcher.local_experts
+    for name, p in ep.named_parameters():
+        want = ref_params[name].grad
+        if name in sharded:
+            want = want[local.start : local.stop]
+        torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def test_gradient_accumulation_under_no_sync_reduces_once_and_matches_one_process():
+    run_on_ranks(_accumulation_worker, 2)

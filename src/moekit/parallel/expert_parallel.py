@@ -24,6 +24,8 @@ counts on every rank, and the per-step load accumulators are per rank by design.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 
 import torch
@@ -200,6 +202,23 @@ def data_parallel(model: nn.Module, mesh: DeviceMesh) -> DDP:
                 p.register_hook(lambda grad_EX: grad_EX / ep_size)
     DDP._set_params_and_buffers_to_ignore_for_model(model, list(experts))
     return DDP(model, forward_sync_buffers=False)
+
+
+@contextmanager
+def no_sync(ddp_model: DDP) -> Iterator[None]:
+    """Run forwards and backwards without reducing gradients (gradient accumulation's earlier micro-batches).
+
+    Enters `no_sync` of the world DDP that `data_parallel` returned and of every layer's expert DDP: each rank
+    accumulates its own gradients, and the first backward run outside the context reduces the accumulated sums once,
+    instead of one all-reduce per micro-batch. The expert gradients' division by ep still applies per backward.
+    """
+    with ExitStack() as stack:
+        stack.enter_context(ddp_model.no_sync())
+        for layer in moe_layers(ddp_model.module):
+            runner = layer.expert_parallel.runner
+            if isinstance(runner, DDP):
+                stack.enter_context(runner.no_sync())
+        yield
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, ep_group=None) -> Tensor:

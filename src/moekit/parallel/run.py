@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moekit.parallel.checkpoint import full_model_state, full_optimizer_state, shard_model_state, shard_optimizer_state
-from moekit.parallel.expert_parallel import clip_grad_norm_, data_parallel, shard_experts
+from moekit.parallel.expert_parallel import clip_grad_norm_, data_parallel, no_sync, shard_experts
 from moekit.parallel.mesh import build_mesh, init_distributed
 
 
@@ -50,6 +50,11 @@ class ParallelRun:
         shard_experts(model, self.mesh)
         self.ddp = data_parallel(model, self.mesh)  # kept: its hooks reduce the gradients
         return self.ddp
+
+    def no_sync(self):
+        """Context: forwards and backwards inside accumulate gradients without reducing them over the ranks (every
+        micro-batch of an optimizer step but the last); `wrap` must have run."""
+        return no_sync(self.ddp)
 
     def my_rows(self, t: Tensor, uneven: bool = False) -> Tensor:
         """This rank's share of a global batch's rows (dim 0): equal shares, or with `uneven` possibly empty ones.

@@ -16,6 +16,7 @@ floats as one that was never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -449,15 +450,19 @@ class Trainer:
             group["lr"] = lr
         loss_sum = ce_sum = aux_sum = 0.0
         imbalances = []
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = self.data.train.sample(cfg.batch_size, cfg.seq_len, self.generator)
             x, y = batch.x, batch.y
             if self.dist is not None:  # every rank draws the same global batch and takes its share of the rows
                 x, y = self.dist.my_rows(x), self.dist.my_rows(y)
             x, y = x.to(self.device), y.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = self.forward(x, targets=y)
-            (out.loss / cfg.grad_accum).backward()
+            # Under expert parallelism the gradients are reduced over the ranks once, by the last micro-batch's
+            # backward (the earlier ones accumulate locally).
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if self.dist is None or last else self.dist.no_sync():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    out = self.forward(x, targets=y)
+                (out.loss / cfg.grad_accum).backward()
             losses = torch.stack([out.loss, out.ce_loss, out.aux_loss]).detach().float()
             if self.dist is not None:  # the global batch's losses: the mean of the ranks' (equal shares)
                 losses = self.dist.mean(losses)
