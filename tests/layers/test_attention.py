@@ -1,4 +1,5 @@
-"""RoPE frequency scaling against transformers' own rope-init functions on the same parameters."""
+"""RoPE frequency scaling against transformers' own rope-init functions on the same parameters; RMSNorm and RoPE
+against the plain formulas (forward bit for bit, backward and float64 gradcheck)."""
 
 import pytest
 import torch
@@ -88,3 +89,58 @@ def test_rope_tables_carry_the_attention_factor():
 def test_bad_rope_scaling_is_named(bad, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(rope_scaling=bad)
+
+
+# --- the hand-written backwards of RMSNorm and RoPE ---
+
+
+def _plain_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :half], sin[:, None, :half]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def test_rmsnorm_equals_torch_forward_bitwise_and_its_gradients():
+    from moekit.layers.attention import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    x_strided = torch.randn(3, 5, 2, 16)[:, :, 1].requires_grad_(False)  # a non-contiguous input
+    for inp in (x, x_strided):
+        torch.testing.assert_close(norm(inp), torch.nn.functional.rms_norm(inp, (16,), norm.weight, 1e-5),
+                                   atol=0, rtol=0)
+    g = torch.randn(3, 5, 16)
+    ours = torch.autograd.grad(norm(x), (x, norm.weight), g)
+    ref = torch.autograd.grad(torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-5), (x, norm.weight), g)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    x64 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    from moekit.layers.attention import _RMSNorm
+
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x64, w64))
+    frozen = torch.randn(2, 16, requires_grad=True)
+    norm.weight.requires_grad_(False)  # a frozen weight gets no gradient, the input still does
+    norm(frozen).sum().backward()
+    assert frozen.grad is not None and norm.weight.grad is None
+
+
+def test_rope_equals_the_plain_formula_bitwise_and_its_backward_is_the_inverse_rotation():
+    from moekit.layers.attention import apply_rope
+
+    torch.manual_seed(0)
+    cos, sin = rope_tables(7, 8, 10000.0)
+    qkv = torch.randn(2, 7, 5, 8, requires_grad=True)
+    qk = qkv.split([3, 2], dim=2)[0]  # a strided view, as the attention passes it
+    torch.testing.assert_close(apply_rope(qk, cos, sin), _plain_rope(qk, cos, sin), atol=0, rtol=0)
+    g = torch.randn(2, 7, 3, 8)
+    ours = torch.autograd.grad(apply_rope(qk, cos, sin), qkv, g)[0]
+    ref = torch.autograd.grad(_plain_rope(qk, cos, sin), qkv, g)[0]
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    cos64, sin64 = cos.double(), sin.double()
+    x64 = torch.randn(2, 7, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos64, sin64), (x64,))
