@@ -144,3 +144,13 @@ def test_rope_equals_the_plain_formula_bitwise_and_its_backward_is_the_inverse_r
     cos64, sin64 = cos.double(), sin.double()
     x64 = torch.randn(2, 7, 3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos64, sin64), (x64,))
+
+
+def test_heads_major_rope_is_the_same_values_in_per_head_contiguous_storage():
+    from moekit.layers.attention import apply_rope
+
+    cos, sin = rope_tables(6, 8, 10000.0)
+    x = torch.randn(2, 6, 3, 8)
+    out = apply_rope(x, cos, sin, heads_major=True)
+    torch.testing.assert_close(out, apply_rope(x, cos, sin), atol=0, rtol=0)
+    assert out.transpose(1, 2).is_contiguous() and out[:, :, :2].transpose(1, 2)[0].is_contiguous()

@@ -193,27 +193,34 @@ def rope_tables(
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
-def apply_rope(x_BSNX: Tensor, cos_SX: Tensor, sin_SX: Tensor) -> Tensor:
+def apply_rope(x_BSNX: Tensor, cos_SX: Tensor, sin_SX: Tensor, heads_major: bool = False) -> Tensor:
     """Rotate each head's (first-half, second-half) dimension pairs by the position's angles.
 
     Args:
         x_BSNX: [B, S, N, X] queries or keys (any number N of heads).
         cos_SX, sin_SX: [S, X] from `rope_tables`, rows of the chunk's positions.
+        heads_major: store the result as [B, N, S, X] (returned as its [B, S, N, X] transpose), so that
+            `.transpose(1, 2)` of it, or of a slice of its heads, is contiguous per head: the layout the CPU SDPA
+            kernel runs fastest on (OLMoE-shaped prefill, S=512: 7.8 ms instead of 11.5 ms per layer, one thread).
     Returns:
         [B, S, N, X]: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1).
     """
     half = x_BSNX.shape[-1] // 2
     cos_S1Y = cos_SX[:, None, :half].to(x_BSNX.dtype)  # both halves of the tables are equal: Y = X/2
     sin_S1Y = sin_SX[:, None, :half].to(x_BSNX.dtype)
-    return _Rope.apply(x_BSNX, cos_S1Y, sin_S1Y)
+    return _Rope.apply(x_BSNX, cos_S1Y, sin_S1Y, heads_major)
 
 
-def _rotate(x_BSNX: Tensor, cos_S1Y: Tensor, sin_S1Y: Tensor) -> Tensor:
+def _rotate(x_BSNX: Tensor, cos_S1Y: Tensor, sin_S1Y: Tensor, heads_major: bool = False) -> Tensor:
     """(x1 c - x2 s, x2 c + x1 s) written into one new tensor (no concatenation). Each product is rounded before
     the sum, as transformers' `q * cos + rotate_half(q) * sin` rounds it (addcmul_ would fuse them: other bits)."""
     half = x_BSNX.shape[-1] // 2
     x1, x2 = x_BSNX[..., :half], x_BSNX[..., half:]  # [B, S, N, X/2] each
-    out = torch.empty(x_BSNX.shape, dtype=x_BSNX.dtype, device=x_BSNX.device)
+    if heads_major:
+        B, S, N, X = x_BSNX.shape
+        out = torch.empty(B, N, S, X, dtype=x_BSNX.dtype, device=x_BSNX.device).transpose(1, 2)
+    else:
+        out = torch.empty(x_BSNX.shape, dtype=x_BSNX.dtype, device=x_BSNX.device)
     out1, out2 = out[..., :half], out[..., half:]
     torch.mul(x1, cos_S1Y, out=out1).sub_(x2 * sin_S1Y)
     torch.mul(x2, cos_S1Y, out=out2).add_(x1 * sin_S1Y)
@@ -225,14 +232,14 @@ class _Rope(torch.autograd.Function):
     autograd's ~12 through the products, the sums and the concatenation)."""
 
     @staticmethod
-    def forward(ctx, x_BSNX: Tensor, cos_S1Y: Tensor, sin_S1Y: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x_BSNX: Tensor, cos_S1Y: Tensor, sin_S1Y: Tensor, heads_major: bool) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(cos_S1Y, sin_S1Y)
-        return _rotate(x_BSNX, cos_S1Y, sin_S1Y)
+        return _rotate(x_BSNX, cos_S1Y, sin_S1Y, heads_major)
 
     @staticmethod
     def backward(ctx, grad_BSNX: Tensor):  # type: ignore[override]
         cos_S1Y, sin_S1Y = ctx.saved_tensors
-        return _rotate(grad_BSNX, cos_S1Y, -sin_S1Y), None, None
+        return _rotate(grad_BSNX, cos_S1Y, -sin_S1Y), None, None, None
 
 
 class KVCache:
@@ -377,8 +384,10 @@ class Attention(nn.Module):
             qkv_BSY = self._norm_and_clip(qkv_BSY)
         # split (not slicing): its backward is one concatenation of the gradients, not a zero-filled copy per slice
         qk_BSNX, v_BSGX = qkv_BSY.view(B, S, H + 2 * G, X).split([H + G, G], dim=2)
-        q_BSHX, k_BSGX = apply_rope(qk_BSNX, cos_SX, sin_SX).split([H, G], dim=2)  # q and k rotated in one pass
-        q_BHSX, k_BGSX, v_BGSX = q_BSHX.transpose(1, 2), k_BSGX.transpose(1, 2), v_BSGX.transpose(1, 2)
+        # q and k rotated in one pass, into heads-major storage; v copied into it too: SDPA's CPU kernel runs
+        # markedly faster on per-head contiguous inputs than on these strided views of the fused projection.
+        q_BSHX, k_BSGX = apply_rope(qk_BSNX, cos_SX, sin_SX, heads_major=True).split([H, G], dim=2)
+        q_BHSX, k_BGSX, v_BGSX = q_BSHX.transpose(1, 2), k_BSGX.transpose(1, 2), v_BSGX.transpose(1, 2).contiguous()
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             k_cache[:, :, start_pos : start_pos + S] = k_BGSX
