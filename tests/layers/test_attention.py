@@ -123,6 +123,16 @@ def test_rmsnorm_equals_torch_forward_bitwise_and_its_gradients():
     from moekit.layers.attention import _RMSNorm
 
     assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x64, w64))
+    import moekit.layers.attention as attention_module  # torch < 2.8 has no fused kernel: the fallback's numbers
+
+    fused, attention_module._FUSED_RMS_NORM = attention_module._FUSED_RMS_NORM, None
+    try:
+        fallback = torch.autograd.grad(norm(x), (x, norm.weight), g)
+        torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-5))
+    finally:
+        attention_module._FUSED_RMS_NORM = fused
+    for a, b in zip(fallback, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     frozen = torch.randn(2, 16, requires_grad=True)
     norm.weight.requires_grad_(False)  # a frozen weight gets no gradient, the input still does
     norm(frozen).sum().backward()
