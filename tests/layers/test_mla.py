@@ -16,8 +16,8 @@ def tiny(**changes) -> MoELM:
     moe = MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2, router="deepseek", score_func="sigmoid",
                     n_group=2, topk_group=1, num_shared_experts=1)  # fmt: skip
     torch.manual_seed(0)
-    return MoELM(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, mla=MLA, moe=moe,
-                             **changes))  # fmt: skip
+    return MoELM(ModelConfig(**{**dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, mla=MLA,
+                                       moe=moe), **changes}))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -67,3 +67,35 @@ def test_trains_every_mla_parameter():
     for p in (attn.q_a_proj.weight, attn.q_b_proj.weight, attn.kv_a_proj.weight, attn.kv_b_proj.weight,
               attn.kv_a_norm.weight, attn.o_proj.weight):  # fmt: skip
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("q_lora_rank", [16, None])
+def test_absorbed_decoding_equals_the_plain_form_step_by_step(q_lora_rank):
+    """Decoding without autograd folds W_UK / W_UV around the attention (`_absorbed`); with autograd the same calls
+    decompress the cache (the plain form): same logits for a 3-token chunk and single tokens over a cached prefix."""
+    mla = MLAConfig(**{**MLA.__dict__, "q_lora_rank": q_lora_rank})
+    model = tiny(mla=mla).eval()
+    ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(2))
+    chunks = [(0, 4), (4, 7), (7, 8), (8, 9), (9, 10)]
+    logits = {}
+    for absorbed in (True, False):
+        cache = model.new_cache(2, 12)
+        with torch.set_grad_enabled(not absorbed):
+            logits[absorbed] = torch.cat(
+                [model(ids[:, a:b], cache=cache, start_pos=a).logits.detach() for a, b in chunks], dim=1
+            )
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+    from moekit.layers.mla import MultiHeadLatentAttention
+
+    calls = []
+    original = MultiHeadLatentAttention._absorbed
+    MultiHeadLatentAttention._absorbed = lambda self, *a: calls.append(1) or original(self, *a)
+    try:
+        with torch.no_grad():
+            cache = model.new_cache(2, 12)
+            model(ids[:, :4], cache=cache)  # a prefill: the plain form
+            assert not calls
+            model(ids[:, 4:5], cache=cache, start_pos=4)
+            assert len(calls) == len(model.blocks)  # a decoding step: the absorbed form in every layer
+    finally:
+        MultiHeadLatentAttention._absorbed = original

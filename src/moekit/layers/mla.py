@@ -11,8 +11,10 @@ heads. A head attends with [q^C; q^R] . [k^C; k^R] over N + R dims, scale 1/sqrt
 when the RoPE is YaRN-scaled with mscale_all_dim, as DeepSeek's code does), and reads V-wide values.
 
 The KV cache keeps what the paper says to keep: the normalised latent c_KV (in the cache's k, [B, 1, L, C]) and the
-rotated shared key k^R (in its v, [B, 1, L, R]), C + R values per token instead of 2·H·(N+R); each step decompresses
-the cached latents again (the plain form; folding W_UK into the query, the paper's inference trick, is not done).
+rotated shared key k^R (in its v, [B, 1, L, R]), C + R values per token instead of 2·H·(N+R). A step that attends
+over a cached prefix without autograd (decoding) never decompresses them: W_UK is folded into the query and W_UV
+applied after the attention, the paper's inference form (`_absorbed`); a prefill or training forward runs the plain
+form.
 
 RoPE is applied in the "rotate half" layout like everywhere in moekit. DeepSeek's checkpoints rotate interleaved
 pairs (V2's complex multiply, V3's rope_interleave); since a query and key are rotated alike and only their dot
@@ -119,15 +121,44 @@ class MultiHeadLatentAttention(nn.Module):
                 latent_BSC = latent_cache[:, 0, : start_pos + S]
                 k_rope_BSR = k_rope_cache[:, 0, : start_pos + S]
         L = latent_BSC.shape[1]
-        k_nope_BLHN, v_BLHV = self.kv_b_proj(latent_BSC).view(B, L, H, N + V).split([N, V], dim=-1)
-        k_BLHK = _with_rope(k_nope_BLHN, k_rope_BSR)
-        q_BSHK = _with_rope(q_nope_BSHN, q_rope_BSHR)
         is_causal = mask is None and L == S and S > 1
-        out_BHSV = F.scaled_dot_product_attention(
-            q_BSHK.transpose(1, 2), k_BLHK.transpose(1, 2), v_BLHV.transpose(1, 2),
-            attn_mask=mask, is_causal=is_causal, scale=self.scale,
-        )  # fmt: skip
+        if L > S and not torch.is_grad_enabled():  # decoding over a cached prefix: attend in the latent space
+            out_BHSV = self._absorbed(q_nope_BSHN, q_rope_BSHR, latent_BSC, k_rope_BSR, mask)
+        else:
+            k_nope_BLHN, v_BLHV = self.kv_b_proj(latent_BSC).view(B, L, H, N + V).split([N, V], dim=-1)
+            k_BLHK = _with_rope(k_nope_BLHN, k_rope_BSR)
+            q_BSHK = _with_rope(q_nope_BSHN, q_rope_BSHR)
+            out_BHSV = F.scaled_dot_product_attention(
+                q_BSHK.transpose(1, 2), k_BLHK.transpose(1, 2), v_BLHV.transpose(1, 2),
+                attn_mask=mask, is_causal=is_causal, scale=self.scale,
+            )  # fmt: skip
         return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * V))
+
+    def _absorbed(
+        self, q_nope_BSHN: Tensor, q_rope_BSHR: Tensor, latent_BLC: Tensor, k_rope_BLR: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        """The same attention with W_UK folded into the queries and W_UV applied after it (DeepSeek-V2 §2.1.2's
+        inference form): q^C . (c_KV W_UK^h) = (q^C W_UK^h^T) . c_KV, and sum_l p_l (c_l W_UV^h) = (sum_l p_l c_l)
+        W_UV^h. Every head then attends over the shared [c_KV; k^R] (C + R dims) with the latents as values, so a
+        decoding step costs O(L (C + R)) per head instead of decompressing all L cached latents (O(L C H (N + V))).
+        Returns [B, H, S, V]; equal to the plain form up to float rounding (tested).
+        """
+        H, cfg = self.n_heads, self.config
+        N, V, C = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        B, S, L = q_nope_BSHN.shape[0], q_nope_BSHN.shape[1], latent_BLC.shape[1]
+        w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.view(H, N + V, C).split([N, V], dim=1)
+        q_lat_BHSC = torch.einsum("bshn,hnc->bhsc", q_nope_BSHN, w_uk_HNC)
+        q_BHSK = torch.cat((q_lat_BHSC, q_rope_BSHR.transpose(1, 2)), dim=-1)  # K = C + R
+        k_BLK = torch.cat((latent_BLC, k_rope_BLR), dim=-1)  # one key "head" shared by all H
+        # Two batched matmuls with the heads folded into the rows: SDPA's GQA path would copy the shared key and
+        # value H times (measured 10x slower than this at DeepSeek-V3's widths).
+        scores_BHSL = torch.bmm(q_BHSK.reshape(B, H * S, -1), k_BLK.transpose(1, 2)).view(B, H, S, L)
+        scores_BHSL = scores_BHSL.float().mul_(self.scale)
+        if mask is not None:  # bool [S, L] or [B, 1, S, L] from `attention_mask`: False = not attended
+            scores_BHSL = scores_BHSL.masked_fill(~mask, float("-inf"))
+        p_BHSL = torch.softmax(scores_BHSL, dim=-1).to(latent_BLC.dtype)
+        out_BHSC = torch.bmm(p_BHSL.view(B, H * S, L), latent_BLC).view(B, H, S, C)
+        return torch.einsum("bhsc,hvc->bhsv", out_BHSC, w_uv_HVC)
 
 
 def _with_rope(nope_BLHN: Tensor, rope: Tensor) -> Tensor:
