@@ -148,11 +148,12 @@ class MultiHeadLatentAttention(nn.Module):
         B, S, L = q_nope_BSHN.shape[0], q_nope_BSHN.shape[1], latent_BLC.shape[1]
         w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.view(H, N + V, C).split([N, V], dim=1)
         q_lat_BHSC = torch.einsum("bshn,hnc->bhsc", q_nope_BSHN, w_uk_HNC)
-        q_BHSK = torch.cat((q_lat_BHSC, q_rope_BSHR.transpose(1, 2)), dim=-1)  # K = C + R
-        k_BLK = torch.cat((latent_BLC, k_rope_BLR), dim=-1)  # one key "head" shared by all H
-        # Two batched matmuls with the heads folded into the rows: SDPA's GQA path would copy the shared key and
-        # value H times (measured 10x slower than this at DeepSeek-V3's widths).
-        scores_BHSL = torch.bmm(q_BHSK.reshape(B, H * S, -1), k_BLK.transpose(1, 2)).view(B, H, S, L)
+        # Batched matmuls with the heads folded into the rows against the one key "head" [c_KV; k^R] that all H
+        # share, its two parts scored separately (no per-step concatenation of the cache). SDPA's GQA path would
+        # copy the shared key and value H times (measured 10x slower than this at DeepSeek-V3's widths).
+        scores_BHSL = torch.bmm(q_lat_BHSC.reshape(B, H * S, C), latent_BLC.transpose(1, 2))
+        q_rope_BXR = q_rope_BSHR.transpose(1, 2).reshape(B, H * S, -1)  # X = H * S
+        scores_BHSL = scores_BHSL.baddbmm_(q_rope_BXR, k_rope_BLR.transpose(1, 2)).view(B, H, S, L)
         scores_BHSL = scores_BHSL.float().mul_(self.scale)
         if mask is not None:  # bool [S, L] or [B, 1, S, L] from `attention_mask`: False = not attended
             scores_BHSL = scores_BHSL.masked_fill(~mask, float("-inf"))
