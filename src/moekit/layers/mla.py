@@ -128,10 +128,13 @@ class MultiHeadLatentAttention(nn.Module):
             k_nope_BLHN, v_BLHV = self.kv_b_proj(latent_BSC).view(B, L, H, N + V).split([N, V], dim=-1)
             k_BLHK = _with_rope(k_nope_BLHN, k_rope_BSR)
             q_BSHK = _with_rope(q_nope_BSHN, q_rope_BSHR)
+            v_BHLX = v_BLHV.transpose(1, 2)
+            if V < N + R:  # SDPA's fused CPU kernel needs v as wide as q/k (else its slow math path): zero-pad v,
+                v_BHLX = F.pad(v_BHLX, (0, N + R - V))  # then drop the padded output columns (7.5 vs 21.7 ms, S=512)
             out_BHSV = F.scaled_dot_product_attention(
-                q_BSHK.transpose(1, 2), k_BLHK.transpose(1, 2), v_BLHV.transpose(1, 2),
+                q_BSHK.transpose(1, 2), k_BLHK.transpose(1, 2), v_BHLX,
                 attn_mask=mask, is_causal=is_causal, scale=self.scale,
-            )  # fmt: skip
+            )[..., :V]  # fmt: skip
         return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * V))
 
     def _absorbed(
