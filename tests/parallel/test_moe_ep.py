@@ -37,6 +37,8 @@ CASES = {
     "all-on-one-expert": dict(cfg=dict(num_experts=8, top_k=1, router_bias=True, activation="gelu", aux_loss_coef=0.01),
                               bias={5: 50.0}, tokens=(2, 6)),
     "rank-without-tokens": dict(cfg=dict(num_experts=8, top_k=2, num_shared_experts=1), tokens=(4, 0)),
+    # training-time noise: each rank draws the whole batch's noise and keeps its rows, as one process would
+    "noisy-topk": dict(cfg=dict(num_experts=8, top_k=2, router="noisy_topk", cv2_loss_coef=0.1), tokens=(2, 6)),
 }
 
 
@@ -69,12 +71,14 @@ def _check_case(rank: int, world: int, mesh, case: dict) -> None:
 
     # Reference: one process, the global batch as one (ranks' sequences stacked), mean-type loss over ranks.
     x_ref = x_global.clone().requires_grad_(True)
+    torch.manual_seed(7)  # the same generator state for both forwards (noisy routing draws from it)
     y_ref = ref(as_batch(x_ref)).reshape(-1, D)
     ref_loss = sum((y_ref[sum(sizes[:r]) : sum(sizes[: r + 1])] * g_global[sum(sizes[:r]) : sum(sizes[: r + 1])]).sum()
                    for r in range(world)) / world + ref.last.aux_loss
     ref_loss.backward()
 
     x = x_global[rows].clone().requires_grad_(True)
+    torch.manual_seed(7)
     y = ddp(as_batch(x)).reshape(-1, D)
     loss = (y * g_global[rows]).sum() + ep.last.aux_loss
     loss.backward()
@@ -117,7 +121,8 @@ def test_two_ranks_match_one_process_in_every_routing_case():
 
 
 def test_four_ranks_match_one_process_as_ep4_and_as_ep2_times_dp2():
-    run_on_ranks(_worker, 4, [4, 2], ["uniform-losses-shared", "skewed", "all-on-one-expert", "rank-without-tokens"])
+    run_on_ranks(_worker, 4, [4, 2], ["uniform-losses-shared", "skewed", "all-on-one-expert", "rank-without-tokens",
+                                      "noisy-topk"])
 
 
 def _accumulation_worker(rank: int, world: int) -> None:

@@ -134,13 +134,18 @@ class NoisyTopKRouter(Router):
         # The paper initialises both W_g and W_noise to zero; zero noise weights keep that (softplus(0) = log 2).
         self.noise_weight = nn.Parameter(torch.zeros(config.num_experts, config.d_model))
         self.noise_eps = config.noise_eps
+        # (rank, ranks) when this layer sees rank's equal share of a batch split over `ranks` processes in rank
+        # order (set by `moekit.parallel.shard_experts`): the noise is then drawn for the whole batch, from the
+        # generator every rank seeds alike, and this rank keeps its rows, so each token gets the noise one process
+        # would give it (and the generators stay in step).
+        self.noise_shard: tuple[int, int] | None = None
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None) -> RouterOutput:
         clean_TE = self.compute_logits(x_TD)
         load_probs_TE = None
         if self.training:
             std_TE = F.softplus(F.linear(x_TD.to(clean_TE.dtype), self.noise_weight.to(clean_TE.dtype))) + self.noise_eps
-            noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
+            noisy_TE = clean_TE + self._noise(clean_TE) * std_TE
             if self.top_k < self.num_experts:
                 load_probs_TE = self._load_probs(clean_TE, noisy_TE, std_TE)
         else:
@@ -150,6 +155,14 @@ class NoisyTopKRouter(Router):
         weights_TK = noisy_TE.gather(1, indices_TK).softmax(dim=-1)  # = softmax(KeepTopK(H)) at the kept slots
         probs_TE = noisy_TE.softmax(dim=-1)
         return RouterOutput(weights_TK, indices_TK, clean_TE, probs_TE, scores_TE.detach(), load_probs_TE)
+
+    def _noise(self, like_TE: Tensor) -> Tensor:
+        if self.noise_shard is None:
+            return torch.randn_like(like_TE)
+        rank, ranks = self.noise_shard
+        T, E = like_TE.shape
+        noise_NE = torch.randn(ranks * T, E, dtype=like_TE.dtype, device=like_TE.device)
+        return noise_NE[rank * T : (rank + 1) * T]
 
     def _load_probs(self, clean_TE: Tensor, noisy_TE: Tensor, std_TE: Tensor) -> Tensor:
         # P(i selected) = Phi((clean_i - kth_excluding(H, k, i)) / std_i): the k-th largest noisy logit among the

@@ -40,6 +40,7 @@ from moekit.config import MoEConfig
 from moekit.layers.dispatch import DispatchPlan
 from moekit.layers.experts import Experts
 from moekit.layers.moe import MoE, moe_layers
+from moekit.layers.routing import NoisyTopKRouter
 from moekit.parallel.all_to_all import AllToAllDispatcher
 
 _EXPERT_TENSORS = ("w_in", "w_out", "b_in", "b_out")  # Experts' stacked [E, ...] parameters
@@ -164,6 +165,8 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
                 setattr(experts, name, nn.Parameter(mine, full.requires_grad))
         experts.num_experts = len(local)
         layer.expert_parallel = handle
+        if isinstance(layer.router, NoisyTopKRouter):  # every token gets the noise one process would draw for it
+            layer.router.noise_shard = (dist.get_rank(), dist.get_world_size())
     return model
 
 
