@@ -114,6 +114,14 @@ def test_bf16_keeps_the_correction_bias_float32(tmp_path):
     assert model.blocks[1].ffn.router.selection_bias.dtype == torch.float32
     assert model.blocks[1].attn.kv_b_proj.weight.dtype == torch.bfloat16
     assert torch.equal(model.blocks[1].ffn.router.selection_bias, hf.model.layers[1].mlp.gate.e_score_correction_bias)
+    # bf16 decoding runs the latent-space (absorbed) attention: close to the one-pass bf16 logits
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model(ids).logits.float()
+        cache = model.new_cache(1, 8)
+        steps = [model(ids[:, :4], cache=cache).logits]
+        steps += [model(ids[:, i : i + 1], cache=cache, start_pos=i).logits for i in (4, 5)]
+    torch.testing.assert_close(torch.cat(steps, dim=1).float(), whole, atol=0.1, rtol=0.05)
 
 
 def test_older_config_spelling_with_yarn(tmp_path):
