@@ -154,10 +154,10 @@ class MultiHeadLatentAttention(nn.Module):
         # Batched matmuls with the heads folded into the rows against the one key "head" [c_KV; k^R] that all H
         # share, its two parts scored separately (no per-step concatenation of the cache). SDPA's GQA path would
         # copy the shared key and value H times (measured 10x slower than this at DeepSeek-V3's widths).
-        scores_BHSL = torch.bmm(q_lat_BHSC.reshape(B, H * S, C), latent_BLC.transpose(1, 2))
-        q_rope_BXR = q_rope_BSHR.transpose(1, 2).reshape(B, H * S, -1)  # X = H * S
-        scores_BHSL = scores_BHSL.baddbmm_(q_rope_BXR, k_rope_BLR.transpose(1, 2)).view(B, H, S, L)
-        scores_BHSL = scores_BHSL.float().mul_(self.scale)
+        scores_BXL = torch.bmm(q_lat_BHSC.reshape(B, H * S, C), latent_BLC.transpose(1, 2))  # X = H * S
+        q_rope_BXR = q_rope_BSHR.transpose(1, 2).reshape(B, H * S, -1)
+        scores_BXL.baddbmm_(q_rope_BXR, k_rope_BLR.transpose(1, 2))
+        scores_BHSL = scores_BXL.view(B, H, S, L).float().mul_(self.scale)
         if mask is not None:  # bool [S, L] or [B, 1, S, L] from `attention_mask`: False = not attended
             scores_BHSL = scores_BHSL.masked_fill(~mask, float("-inf"))
         p_BHSL = torch.softmax(scores_BHSL, dim=-1).to(latent_BLC.dtype)
