@@ -150,13 +150,13 @@ def test_grouped_mm_function_is_a_segment_matmul_with_working_sum_backward(impl)
     torch.testing.assert_close(w.grad, g_expected[1], atol=1e-5, rtol=1e-5)
 
 
-def test_auto_on_cpu_uses_grouped_mm_in_inference_only_when_every_expert_is_busy(monkeypatch):
+def test_auto_on_cpu_uses_grouped_mm_in_inference_and_the_loop_under_autograd(monkeypatch):
     torch.manual_seed(0)
     x, w = torch.randn(6, 8), torch.randn(3, 8, 4)
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for counts, grad, want in (([2, 3, 1], False, 1), ([3, 0, 3], False, 0), ([2, 3, 1], True, 0)):
+    for counts, grad, want in (([2, 3, 1], False, 1), ([3, 0, 3], False, 1), ([2, 3, 1], True, 0)):
         counts = torch.tensor(counts)
         offsets = counts.cumsum(0).to(torch.int32)
         calls.clear()
