@@ -97,5 +97,11 @@ def test_absorbed_decoding_equals_the_plain_form_step_by_step(q_lora_rank):
             assert not calls
             model(ids[:, 4:5], cache=cache, start_pos=4)
             assert len(calls) == len(model.blocks)  # a decoding step: the absorbed form in every layer
+            long_ids = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(3))
+            model(long_ids, cache=model.new_cache(2, 30), start_pos=0)
+            cache = model.new_cache(2, 30)
+            model(ids[:, :4], cache=cache)
+            model(long_ids, cache=cache, start_pos=4)  # 17 new tokens over a prefix: past the absorbed form's limit
+            assert len(calls) == len(model.blocks)
     finally:
         MultiHeadLatentAttention._absorbed = original

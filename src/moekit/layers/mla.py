@@ -122,7 +122,7 @@ class MultiHeadLatentAttention(nn.Module):
                 k_rope_BSR = k_rope_cache[:, 0, : start_pos + S]
         L = latent_BSC.shape[1]
         is_causal = mask is None and L == S and S > 1
-        if L > S and not torch.is_grad_enabled():  # decoding over a cached prefix: attend in the latent space
+        if S < L and S <= _ABSORB_MAX_NEW and not torch.is_grad_enabled():  # decoding over a cached prefix
             out_BHSV = self._absorbed(q_nope_BSHN, q_rope_BSHR, latent_BSC, k_rope_BSR, mask)
         else:
             k_nope_BLHN, v_BLHV = self.kv_b_proj(latent_BSC).view(B, L, H, N + V).split([N, V], dim=-1)
@@ -163,6 +163,13 @@ class MultiHeadLatentAttention(nn.Module):
         p_BHSL = torch.softmax(scores_BHSL, dim=-1).to(latent_BLC.dtype)
         out_BHSC = torch.bmm(p_BHSL.view(B, H * S, L), latent_BLC).view(B, H, S, C)
         return torch.einsum("bhsc,hvc->bhsv", out_BHSC, w_uv_HVC)
+
+
+# New tokens per call up to which a forward over a cached prefix attends in the latent space. Per query that costs
+# H L (2C + R) multiply-adds against the plain form's H L (N + R + V), but saves decompressing the L cached latents
+# (L C H (N + V)) once per call: at DeepSeek-V3's widths the break-even is ~170 new tokens, and the absorbed form
+# holds an [H S, L] float32 score matrix, so it is kept to decoding-sized calls (speculative drafts included).
+_ABSORB_MAX_NEW = 16
 
 
 def _with_rope(nope_BLHN: Tensor, rope: Tensor) -> Tensor:
