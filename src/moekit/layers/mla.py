@@ -11,10 +11,9 @@ heads. A head attends with [q^C; q^R] . [k^C; k^R] over N + R dims, scale 1/sqrt
 when the RoPE is YaRN-scaled with mscale_all_dim, as DeepSeek's code does), and reads V-wide values.
 
 The KV cache keeps what the paper says to keep: the normalised latent c_KV (in the cache's k, [B, 1, L, C]) and the
-rotated shared key k^R (in its v, [B, 1, L, R]), C + R values per token instead of 2·H·(N+R). A step that attends
-over a cached prefix without autograd (decoding) never decompresses them: W_UK is folded into the query and W_UV
-applied after the attention, the paper's inference form (`_absorbed`); a prefill or training forward runs the plain
-form.
+rotated shared key k^R (in its v, [B, 1, L, R]), C + R values per token instead of 2·H·(N+R). A decoding step (up
+to 16 new tokens over a cached prefix, without autograd) never decompresses them: W_UK is folded into the query and
+W_UV applied after the attention, the paper's inference form (`_absorbed`); prefill and training run the plain form.
 
 RoPE is applied in the "rotate half" layout like everywhere in moekit. DeepSeek's checkpoints rotate interleaved
 pairs (V2's complex multiply, V3's rope_interleave); since a query and key are rotated alike and only their dot
