@@ -47,6 +47,20 @@ def _worker(rank: int, world: int, run_dir: str) -> None:
     ep2 = shard_experts(copy.deepcopy(full), mesh2)
     opt2 = _train_one_step(ep2, mesh2, slice(rank, rank + 1))
     state, opt_state = full_model_state(ep2), full_optimizer_state(opt2, ep2)
+    # Gathered to rank 0 only (what training saves with): the same tensors there, the shards elsewhere.
+    to_0, opt_to_0 = full_model_state(ep2, dst=0), full_optimizer_state(opt2, ep2, dst=0)
+    sharded = expert_parameters(ep2)
+    for name, t in state.items():
+        want = t if rank == 0 or name not in sharded else ep2.state_dict()[name]
+        torch.testing.assert_close(to_0[name], want, atol=0, rtol=0, msg=lambda m: f"rank {rank} {name}: {m}")
+    params = [p for group in opt2.param_groups for p in group["params"]]
+    expert_ids = {id(p) for p in sharded.values()}
+    for index, entry in opt_state["state"].items():
+        local = opt2.state[params[index]]
+        for key, value in entry.items():
+            moment = isinstance(value, torch.Tensor) and value.dim() > 0
+            want = local[key] if rank != 0 and moment and id(params[index]) in expert_ids else value
+            torch.testing.assert_close(opt_to_0["state"][index][key], want, atol=0, rtol=0)
     if rank == 0:
         ckpt.save_checkpoint(run_dir, 1, ep2, ep2.config.to_dict(), "{}", opt2, model_state=state,
                              optimizer_state=opt_state)

@@ -1,9 +1,10 @@
 """Checkpoints of an expert-parallel model in the single-process layout, and back.
 
 Saving gathers every sharded expert tensor ([E/ep, ...] per rank) over the ep group into the full stacked [E, ...]
-tensor, so the files an EP run writes (through the ordinary atomic `moekit.train.checkpoint`, on rank 0) are exactly
-those of a one-process run: any ep size, or none, loads them. Loading slices this rank's experts out of the full
-tensors. AdamW's moments have the shape of their parameter and are gathered and sliced the same way.
+tensor (in training on the writing rank only), so the files an EP run writes (through the ordinary atomic
+`moekit.train.checkpoint`, on rank 0) are exactly those of a one-process run: any ep size, or none, loads them.
+Loading slices this rank's experts out of the full tensors. AdamW's moments have the shape of their parameter and
+are gathered and sliced the same way.
 """
 
 from __future__ import annotations
@@ -31,23 +32,35 @@ def _expert_ranges(model: nn.Module) -> dict[str, tuple[range, Any]]:
     return out
 
 
-def _gather(shard: Tensor, group) -> Tensor:
-    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, shard.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+def _gather(shard: Tensor, group, dst: int | None = None) -> Tensor:
+    """The full [E, ...] tensor from the ep group's shards: on every rank (dst None), or on global rank `dst` only
+    (the group's other ranks send theirs and keep their shard; groups without dst do nothing)."""
+    shard = shard.detach().contiguous()
+    if dst is None:
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, shard, group=group)
+        return torch.cat(parts, dim=0)
+    ranks = dist.get_process_group_ranks(group)
+    if dst not in ranks:
+        return shard
+    parts = [torch.empty_like(shard) for _ in ranks] if dist.get_rank() == dst else None
+    dist.gather(shard, parts, dst=dst, group=group)
+    return torch.cat(parts, dim=0) if parts is not None else shard
 
 
-def full_model_state(model: nn.Module) -> dict[str, Tensor]:
+def full_model_state(model: nn.Module, dst: int | None = None) -> dict[str, Tensor]:
     """The single-process state dict of a sharded model (a collective: every rank must call it).
 
     Args:
         model: the sharded model (not a DDP wrapper).
+        dst: None = the full tensors on every rank; a global rank = only that rank gets them (the one that writes
+            the checkpoint; the others' expert tensors stay their shards, and no rank but dst holds a full copy).
     Returns:
-        `model.state_dict()` with every expert tensor gathered to its full [E, ...] shape (on every rank).
+        `model.state_dict()` with every expert tensor gathered to its full [E, ...] shape.
     """
     state = model.state_dict()
     for name, (_, group) in sorted(_expert_ranges(model).items()):
-        state[name] = _gather(state[name], group)
+        state[name] = _gather(state[name], group, dst)
     return state
 
 
@@ -65,9 +78,9 @@ def _optimizer_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list
     return [names.get(id(p), "") for group in optimizer.param_groups for p in group["params"]]
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, dst: int | None = None) -> dict[str, Any]:
     """`optimizer.state_dict()` with the per-parameter tensors of expert parameters gathered to full shape
-    (a collective). Scalars and 0-d tensors (AdamW's step) are left as they are."""
+    (a collective; `dst` as in `full_model_state`). Scalars and 0-d tensors (AdamW's step) are left as they are."""
     state = optimizer.state_dict()
     ranges = _expert_ranges(model)
     for index, name in enumerate(_optimizer_names(optimizer, model)):
@@ -75,7 +88,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
             entry = state["state"][index]
             for key in sorted(entry):
                 if isinstance(entry[key], Tensor) and entry[key].dim() > 0:
-                    entry[key] = _gather(entry[key], ranges[name][1])
+                    entry[key] = _gather(entry[key], ranges[name][1], dst)
     return state
 
 

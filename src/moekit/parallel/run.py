@@ -85,8 +85,12 @@ class ParallelRun:
         return clip_grad_norm_(model, max_norm, self.mesh["ep"].get_group())
 
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """`save_checkpoint`'s model_state and optimizer_state keyword arguments (a collective)."""
-        return {"model_state": full_model_state(model), "optimizer_state": full_optimizer_state(optimizer, model)}
+        """`save_checkpoint`'s model_state and optimizer_state keyword arguments (a collective), complete on rank 0,
+        the rank that writes the checkpoint; the other ranks send their expert shards and hold no full copy."""
+        return {
+            "model_state": full_model_state(model, dst=0),
+            "optimizer_state": full_optimizer_state(optimizer, model, dst=0),
+        }
 
     def shard_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
