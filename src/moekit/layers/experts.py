@@ -177,11 +177,8 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor,
         raise ValueError(f"unknown expert_impl {impl!r}: expected one of {', '.join(map(repr, EXPERT_IMPLS))}")
     if x_MD.shape[0] == 0:  # no rows: keep the (empty) result connected to the graph
         return x_MD @ w_EDF[0]
-    use_grouped = impl == "grouped_mm" or (impl == "auto" and x_MD.device.type != "cpu")
-    if impl == "auto" and x_MD.device.type == "cpu" and not (torch.is_grad_enabled() and (
-        x_MD.requires_grad or w_EDF.requires_grad
-    )):  # fmt: skip
-        use_grouped = True
+    recording = torch.is_grad_enabled() and (x_MD.requires_grad or w_EDF.requires_grad)
+    use_grouped = impl == "grouped_mm" or (impl == "auto" and (x_MD.device.type != "cpu" or not recording))
     if use_grouped and grouped_mm_available(x_MD, w_EDF):
         return _ContiguousGrad.apply(torch._grouped_mm(x_MD, w_EDF, offs=offsets_E))
     if impl == "grouped_mm":
