@@ -101,7 +101,8 @@ def _plain_rope(x, cos, sin):
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
-def test_rmsnorm_equals_torch_forward_bitwise_and_its_gradients():
+def test_rmsnorm_equals_torch_forward_bitwise_and_its_gradients(no_kernels):
+    # The PyTorch form (the C++ kernel's own agreement with it: tests/layers/test_kernels.py).
     from moekit.layers.attention import RMSNorm
 
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ROPE_TYPES
+from moekit.layers import kernels
 
 
 class RMSNorm(nn.Module):
@@ -47,17 +48,20 @@ _FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)  # (x, shape,
 class _RMSNorm(torch.autograd.Function):
     """x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps) per row, and a hand-written backward.
 
-    The forward is torch's fused kernel (`aten::_fused_rms_norm`, which also returns rstd; where the installed torch
-    lacks it, the same arithmetic in three ops); torch's CPU backward of it is composed of ~10 elementwise ops, this
-    one of 5 (d_xhat = g * w; d_x = rstd * (d_xhat - xhat * mean(d_xhat * xhat)); d_w = sum over rows of
-    g * xhat): 0.75 ms instead of 0.9-1.0 ms per norm fwd+bwd at tiny-mixtral's [8, 128, 256].
+    On float32 CPU tensors forward and backward are one C++ pass each (layers/kernels). Elsewhere the forward is
+    torch's `aten::_fused_rms_norm` (which also returns rstd; where the installed torch lacks it, the same arithmetic
+    in three ops), and the backward 5 element-wise ops where torch's own is ~10 (d_xhat = g * w;
+    d_x = rstd * (d_xhat - xhat * mean(d_xhat * xhat)); d_w = sum over rows of g * xhat).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight_D: Tensor, eps: float) -> Tensor:  # type: ignore[override]
         D = x.shape[-1]
         x_ND = x.reshape(-1, D)
-        if _FUSED_RMS_NORM is not None:  # torch's one-pass kernel, which also returns rstd
+        ctx.fused = x_ND.is_contiguous() and weight_D.is_contiguous() and kernels.usable(x_ND, weight_D)
+        if ctx.fused:  # one pass in C++ (layers/kernels)
+            y_ND, rstd_N1 = kernels.cpu_kernels().rms_norm_forward(x_ND, weight_D, eps)
+        elif _FUSED_RMS_NORM is not None:  # torch's kernel, which also returns rstd
             y_ND, rstd_N1 = _FUSED_RMS_NORM(x_ND, [D], weight_D, eps)
         else:
             rstd_N1 = torch.linalg.vecdot(x_ND, x_ND).div_(D).add_(eps).rsqrt_().unsqueeze(1)
@@ -71,6 +75,11 @@ class _RMSNorm(torch.autograd.Function):
         x_ND, rstd_N1, weight_D = ctx.saved_tensors
         D = x_ND.shape[-1]
         grad_ND = grad.reshape(-1, D)
+        if ctx.fused:
+            grad_x, grad_w = kernels.cpu_kernels().rms_norm_backward(
+                grad_ND.contiguous(), x_ND, rstd_N1, weight_D, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            )
+            return (grad_x.view(ctx.shape) if ctx.needs_input_grad[0] else None), grad_w, None
         xhat_ND = x_ND * rstd_N1
         grad_w = (grad_ND * xhat_ND).sum(0) if ctx.needs_input_grad[1] else None
         grad_x = None
@@ -218,16 +227,27 @@ def apply_rope(x_BSNX: Tensor, cos_SX: Tensor, sin_SX: Tensor, heads_major: bool
     return _Rope.apply(x_BSNX, cos_S1Y, sin_S1Y, heads_major)
 
 
-def _rotate(x_BSNX: Tensor, cos_S1Y: Tensor, sin_S1Y: Tensor, heads_major: bool = False) -> Tensor:
-    """(x1 c - x2 s, x2 c + x1 s) written into one new tensor (no concatenation). Each product is rounded before
-    the sum, as transformers' `q * cos + rotate_half(q) * sin` rounds it (addcmul_ would fuse them: other bits)."""
+def _rotate(
+    x_BSNX: Tensor, cos_S1Y: Tensor, sin_S1Y: Tensor, heads_major: bool = False, negate_sin: bool = False
+) -> Tensor:
+    """(x1 c - x2 s, x2 c + x1 s) written into one new tensor (no concatenation); s = -sin where negate_sin. Each
+    product is rounded before the sum, as transformers' `q * cos + rotate_half(q) * sin` rounds it (addcmul_ would
+    fuse them: other bits); the C++ kernel (float32 CPU) rounds the same way in one pass."""
     half = x_BSNX.shape[-1] // 2
-    x1, x2 = x_BSNX[..., :half], x_BSNX[..., half:]  # [B, S, N, X/2] each
     if heads_major:
         B, S, N, X = x_BSNX.shape
         out = torch.empty(B, N, S, X, dtype=x_BSNX.dtype, device=x_BSNX.device).transpose(1, 2)
     else:
         out = torch.empty(x_BSNX.shape, dtype=x_BSNX.dtype, device=x_BSNX.device)
+    if (
+        x_BSNX.dim() == 4 and x_BSNX.stride(-1) == 1 and cos_S1Y.stride(-1) == 1 and sin_S1Y.stride(-1) == 1
+        and kernels.usable(x_BSNX, cos_S1Y, sin_S1Y)
+    ):  # fmt: skip
+        kernels.cpu_kernels().rope(x_BSNX, cos_S1Y[:, 0], sin_S1Y[:, 0], negate_sin, out)
+        return out
+    if negate_sin:
+        sin_S1Y = -sin_S1Y
+    x1, x2 = x_BSNX[..., :half], x_BSNX[..., half:]  # [B, S, N, X/2] each
     out1, out2 = out[..., :half], out[..., half:]
     torch.mul(x1, cos_S1Y, out=out1).sub_(x2 * sin_S1Y)
     torch.mul(x2, cos_S1Y, out=out2).add_(x1 * sin_S1Y)
@@ -246,7 +266,7 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_BSNX: Tensor):  # type: ignore[override]
         cos_S1Y, sin_S1Y = ctx.saved_tensors
-        return _rotate(grad_BSNX, cos_S1Y, -sin_S1Y), None, None, None
+        return _rotate(grad_BSNX, cos_S1Y, sin_S1Y, negate_sin=True), None, None, None
 
 
 class KVCache:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ACTIVATIONS, EXPERT_IMPLS, GATED_ACTIVATIONS
+from moekit.layers import kernels
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
@@ -47,10 +48,20 @@ def activate(h_MX: Tensor, activation: str, swiglu_alpha: float = 1.702, swiglu_
 
 class _ScaledSwiGLU(torch.autograd.Function):
     """silu(gate) * up * scale in one autograd node (fwd: 1 allocation; bwd: writes both halves of the gradient
-    into one buffer instead of allocating two and concatenating them)."""
+    into one buffer instead of allocating two and concatenating them).
+
+    On float32 CPU tensors both directions are one C++ pass each (layers/kernels: ~3x faster than the PyTorch form
+    below, which runs everywhere else).
+    """
 
     @staticmethod
     def forward(ctx, h_MX: Tensor, scale_M: Tensor | None) -> Tensor:  # type: ignore[override]
+        if scale_M is not None:
+            scale_M = scale_M.contiguous()
+        ctx.fused = h_MX.is_contiguous() and kernels.usable(h_MX, scale_M)
+        if ctx.fused:  # one pass in C++ (layers/kernels)
+            ctx.save_for_backward(h_MX, scale_M)
+            return kernels.cpu_kernels().swiglu_forward(h_MX, scale_M)
         F_ = h_MX.shape[-1] // 2
         gate_MF, up_MF = h_MX[:, :F_], h_MX[:, F_:]
         out_MF = F.silu(gate_MF).mul_(up_MF)
@@ -62,6 +73,11 @@ class _ScaledSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_MF: Tensor):  # type: ignore[override]
         h_MX, scale_M = ctx.saved_tensors
+        if ctx.fused:
+            grad_h_MX, grad_scale_M = kernels.cpu_kernels().swiglu_backward(
+                grad_MF.contiguous(), h_MX, scale_M, scale_M is not None and ctx.needs_input_grad[1]
+            )
+            return grad_h_MX, grad_scale_M
         F_ = h_MX.shape[-1] // 2
         gate_MF, up_MF = h_MX[:, :F_], h_MX[:, F_:]
         grad_h_MX = torch.empty_like(h_MX)

@@ -1,0 +1,131 @@
+"""Fused CPU kernels in C++ (`cpu_kernels.cpp`), compiled on first use; PyTorch ops wherever they cannot run.
+
+On a CPU, the element-wise parts of an MoE model cost about as much as they move through memory, and PyTorch's eager
+ops move a tensor once per op: SwiGLU's backward through autograd is ~8 passes over [M, 2F], RMSNorm's ~10. The
+kernels here do each in one pass (forward) or one pass per output (backward):
+
+- `swiglu_forward / swiglu_backward`: silu(gate) * up (* a per-row scale: the combine weight), the gradient of both
+  halves written into one buffer, and the scale's gradient;
+- `rms_norm_forward / rms_norm_backward`: y = x * rstd * w and its gradients.
+
+They use `at::vec::Vectorized<float>` with the vector ISA torch itself dispatches to on this CPU (AVX2/AVX-512), so
+exp() is torch's own routine. Float32 contiguous CPU tensors only; callers (layers/experts.py, layers/attention.py)
+check `usable(...)` and otherwise run their PyTorch form, and tests/layers/test_kernels.py checks one against the
+other.
+
+Building needs a C++ compiler and ninja (a dependency of moekit); it takes ~30-60 s once per machine, torch version
+and source version (cached under torch's extension directory, `TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions).
+Where it fails, moekit warns once and uses the PyTorch forms. `MOEKIT_KERNELS=0` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_tried = False
+
+_ISA_FLAGS = {  # torch.backends.cpu.get_cpu_capability() -> compiler flags selecting at::vec's implementation
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}  # fmt: skip
+
+
+def enabled() -> bool:
+    """False where the environment says MOEKIT_KERNELS=0."""
+    return os.environ.get("MOEKIT_KERNELS", "1") != "0"
+
+
+def _flags() -> tuple[list[str], list[str]]:
+    """(compiler flags, linker flags)."""
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends.cpu, "get_cpu_capability") else ""
+    # -ffp-contract=off: no fused multiply-adds the source did not write, so products round as in torch's own ops.
+    cflags = ["-O3", "-ffp-contract=off", *_ISA_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])]
+    # at::parallel_for is inline OpenMP: without -fopenmp the kernels would run on one thread. Linking -fopenmp
+    # names libgomp.so.1, the soname torch's own libtorch_cpu loads, so both share one OpenMP runtime and pool.
+    openmp = sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+    return cflags + (["-fopenmp"] if openmp else []), (["-fopenmp"] if openmp else [])
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the pip package's binary is not on it when a venv is not activated."""
+    if shutil.which("ninja"):
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for folder in candidates:
+        if (folder / "ninja").exists():
+            os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
+def _build() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    cflags, ldflags = _flags()
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cflags + ldflags).encode() + torch.__version__.encode())
+    name = f"moekit_cpu_kernels_{digest.hexdigest()[:12]}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    if not any(build_dir.glob(f"{name}*.so")):
+        print("moekit: compiling its fused CPU kernels (once per machine and torch version, ~30-60 s) ...",
+              file=sys.stderr, flush=True)
+    _ensure_ninja_on_path()
+    return cpp_extension.load(
+        name=name, sources=[str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=False
+    )
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The compiled kernels, building them on the first call; None when disabled or when they cannot be built (a
+    warning says why, once)."""
+    global _module, _tried
+    if _module is not None or _tried:
+        return _module
+    with _lock:
+        if not _tried:
+            if enabled():
+                try:
+                    _module = _build()
+                except Exception as e:  # no compiler, no ninja, a build error: run the PyTorch forms instead
+                    lines = str(e).strip().splitlines() or [""]
+                    reason = next((line for line in lines if "error:" in line), lines[-1]).strip()  # compiler
+                    warnings.warn(
+                        f"moekit's fused CPU kernels could not be built ({type(e).__name__}: {reason[:300]}); using "
+                        "PyTorch ops instead (slower). Set MOEKIT_KERNELS=0 to silence this.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            _tried = True
+    return _module
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels can take these tensors: float32 CPU (None entries ignored), and the kernels built."""
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            return False
+    return cpu_kernels() is not None
+
+
+def reset() -> None:
+    """Forget the loaded module so the next call re-reads MOEKIT_KERNELS (for tests)."""
+    global _module, _tried
+    with _lock:
+        _module, _tried = None, False

@@ -1,0 +1,389 @@
+// moekit's fused CPU kernels: float32, contiguous, one pass over memory where PyTorch's eager ops take several.
+//
+// Built on first use by moekit/layers/kernels/__init__.py with torch.utils.cpp_extension (JIT, cached), with
+// CPU_CAPABILITY set to the vector ISA torch itself dispatches to on this CPU, so at::vec::Vectorized<float>::exp is
+// the same routine torch's own sigmoid/silu kernels use. The callers check dtype/device/contiguity and fall back to
+// PyTorch ops otherwise; each kernel is tested against that fallback (tests/layers/test_kernels.py).
+//
+// Legend: M/N rows, F hidden width of a gated activation (input has 2F columns: gate then up), D normalised width.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+using Vec = at::vec::Vectorized<float>;
+
+namespace {
+
+constexpr int64_t kGrainElements = 32768;  // rows per parallel task: about this many elements
+
+int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1)); }
+
+void check_float_contiguous(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "moekit kernel: ", name,
+              " must be a contiguous float32 CPU tensor, got ", t.scalar_type(), " on ", t.device(),
+              t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+// Sum over a row of a[i] * b[i], vectorised with float lanes, then the lanes summed in double.
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + Vec::loadu(a + i) * Vec::loadu(b + i);
+  float lanes[Vec::size()];
+  acc.store(lanes);
+  double s = 0.0;
+  for (int64_t l = 0; l < Vec::size(); ++l) s += lanes[l];
+  for (; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
+  return static_cast<float>(s);
+}
+
+}  // namespace
+
+// out[m, f] = silu(h[m, f]) * h[m, F + f] (* scale[m]): the rounding of F.silu(gate).mul_(up).mul_(scale).
+torch::Tensor swiglu_forward(const torch::Tensor& h, const c10::optional<torch::Tensor>& scale) {
+  check_float_contiguous(h, "h");
+  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "moekit swiglu: h must be [M, 2F], got ", h.sizes());
+  const int64_t M = h.size(0), F = h.size(1) / 2;
+  const float* ps = nullptr;
+  if (scale.has_value()) {
+    check_float_contiguous(*scale, "scale");
+    TORCH_CHECK(scale->numel() == M, "moekit swiglu: scale must have M = ", M, " values, got ", scale->numel());
+    ps = scale->data_ptr<float>();
+  }
+  auto out = torch::empty({M, F}, h.options());
+  const float* ph = h.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const Vec one(1.f);
+  at::parallel_for(0, M, grain_rows(2 * F), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* g = ph + m * 2 * F;
+      const float* u = g + F;
+      float* o = po + m * F;
+      const Vec s(ps ? ps[m] : 1.f);
+      int64_t i = 0;
+      for (; i + Vec::size() <= F; i += Vec::size()) {
+        Vec gv = Vec::loadu(g + i);
+        Vec r = gv / (one + gv.neg().exp()) * Vec::loadu(u + i);
+        if (ps) r = r * s;
+        r.store(o + i);
+      }
+      if (i < F) {
+        const int64_t n = F - i;
+        Vec gv = Vec::loadu(g + i, n);
+        Vec r = gv / (one + gv.neg().exp()) * Vec::loadu(u + i, n);
+        if (ps) r = r * s;
+        r.store(o + i, n);
+      }
+    }
+  });
+  return out;
+}
+
+// The backward of swiglu_forward: grad_h [M, 2F] (gate half, up half) and, if asked, grad_scale [M].
+//   sig = sigmoid(g), act = g * sig, dsilu = (g - act + 1) * sig
+//   grad_up = grad * act * s; grad_gate = grad * s * u * dsilu; grad_scale = sum_f grad * act * u
+std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torch::Tensor& h,
+                                           const c10::optional<torch::Tensor>& scale, bool need_grad_scale) {
+  check_float_contiguous(grad, "grad");
+  check_float_contiguous(h, "h");
+  const int64_t M = h.size(0), F = h.size(1) / 2;
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == F, "moekit swiglu: grad must be [", M, ", ",
+              F, "], got ", grad.sizes());
+  const float* ps = nullptr;
+  if (scale.has_value()) {
+    check_float_contiguous(*scale, "scale");
+    ps = scale->data_ptr<float>();
+  }
+  auto grad_h = torch::empty_like(h);
+  torch::Tensor grad_scale;
+  float* pgs = nullptr;
+  if (need_grad_scale && ps) {
+    grad_scale = torch::empty({M}, h.options());
+    pgs = grad_scale.data_ptr<float>();
+  }
+  const float* ph = h.data_ptr<float>();
+  const float* pg = grad.data_ptr<float>();
+  float* pgh = grad_h.data_ptr<float>();
+  const Vec one(1.f);
+  at::parallel_for(0, M, grain_rows(3 * F), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* g = ph + m * 2 * F;
+      const float* u = g + F;
+      const float* dy = pg + m * F;
+      float* dg = pgh + m * 2 * F;
+      float* du = dg + F;
+      const Vec s(ps ? ps[m] : 1.f);
+      Vec acc(0.f);
+      double tail = 0.0;
+      for (int64_t i = 0; i < F; i += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), F - i);
+        Vec gv = n == Vec::size() ? Vec::loadu(g + i) : Vec::loadu(g + i, n);
+        Vec uv = n == Vec::size() ? Vec::loadu(u + i) : Vec::loadu(u + i, n);
+        Vec dyv = n == Vec::size() ? Vec::loadu(dy + i) : Vec::loadu(dy + i, n);
+        Vec sig = (one + gv.neg().exp()).reciprocal();
+        Vec act = gv * sig;
+        Vec dup = dyv * act;  // grad * silu(g), before the scale
+        if (pgs) {
+          if (n == Vec::size()) {
+            acc = acc + dup * uv;
+          } else {
+            float a[Vec::size()], b[Vec::size()];
+            dup.store(a, n);
+            uv.store(b, n);
+            for (int64_t l = 0; l < n; ++l) tail += static_cast<double>(a[l]) * b[l];
+          }
+        }
+        Vec dsilu = (gv - act + one) * sig;
+        Vec dgv = ps ? (dyv * s) * uv * dsilu : dyv * uv * dsilu;
+        if (ps) dup = dup * s;
+        if (n == Vec::size()) {
+          dup.store(du + i);
+          dgv.store(dg + i);
+        } else {
+          dup.store(du + i, n);
+          dgv.store(dg + i, n);
+        }
+      }
+      if (pgs) {
+        float lanes[Vec::size()];
+        acc.store(lanes);
+        double total = tail;
+        for (int64_t l = 0; l < Vec::size(); ++l) total += lanes[l];
+        pgs[m] = static_cast<float>(total);
+      }
+    }
+  });
+  return {grad_h, grad_scale};
+}
+
+// RMSNorm forward: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row (sum of squares in double).
+std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  check_float_contiguous(x, "x");
+  check_float_contiguous(w, "weight");
+  const int64_t D = x.size(-1), N = D ? x.numel() / D : 0;
+  TORCH_CHECK(w.numel() == D, "moekit rms_norm: weight must have ", D, " values, got ", w.numel());
+  auto y = torch::empty_like(x);
+  auto rstd = torch::empty({N, 1}, x.options());
+  const float* px = x.data_ptr<float>();
+  const float* pw = w.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  float* pr = rstd.data_ptr<float>();
+  at::parallel_for(0, N, grain_rows(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = px + r * D;
+      float* yr = py + r * D;
+      const float ss = dot(xr, xr, D);
+      const float rs = static_cast<float>(1.0 / std::sqrt(static_cast<double>(ss) / D + eps));
+      pr[r] = rs;
+      const Vec rv(rs);
+      int64_t i = 0;
+      for (; i + Vec::size() <= D; i += Vec::size()) (Vec::loadu(xr + i) * rv * Vec::loadu(pw + i)).store(yr + i);
+      for (; i < D; ++i) yr[i] = xr[i] * rs * pw[i];
+    }
+  });
+  return {y, rstd};
+}
+
+// RMSNorm backward: xhat = x * rstd; dxhat = g * w; grad_x = rstd * (dxhat - xhat * mean(dxhat * xhat));
+// grad_w = sum over rows of g * xhat (per-task partial sums in double, added in task order: deterministic).
+std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& grad, const torch::Tensor& x,
+                                             const torch::Tensor& rstd, const torch::Tensor& w, bool need_x,
+                                             bool need_w) {
+  check_float_contiguous(grad, "grad");
+  check_float_contiguous(x, "x");
+  check_float_contiguous(rstd, "rstd");
+  check_float_contiguous(w, "weight");
+  const int64_t D = x.size(-1), N = D ? x.numel() / D : 0;
+  TORCH_CHECK(grad.numel() == x.numel(), "moekit rms_norm: grad must have the shape of x");
+  torch::Tensor grad_x = need_x ? torch::empty_like(x) : torch::Tensor();
+  torch::Tensor grad_w;
+  const float* pg = grad.data_ptr<float>();
+  const float* px = x.data_ptr<float>();
+  const float* pr = rstd.data_ptr<float>();
+  const float* pw = w.data_ptr<float>();
+  float* pgx = need_x ? grad_x.data_ptr<float>() : nullptr;
+  // A fixed number of row chunks (not one per thread): the same partial sums whatever the thread count.
+  const int64_t chunks = std::min<int64_t>(N, 64);
+  std::vector<double> partial(need_w ? chunks * D : 0, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    std::vector<float> xhat(D), dxhat(D);
+    for (int64_t c = cbegin; c < cend; ++c) {
+      double* acc = need_w ? partial.data() + c * D : nullptr;
+      for (int64_t r = c * N / chunks; r < (c + 1) * N / chunks; ++r) {
+        const float* gr = pg + r * D;
+        const float* xr = px + r * D;
+        const float rs = pr[r];
+        for (int64_t i = 0; i < D; ++i) xhat[i] = xr[i] * rs;
+        if (acc) {
+          for (int64_t i = 0; i < D; ++i) acc[i] += static_cast<double>(gr[i] * xhat[i]);
+        }
+        if (pgx) {
+          for (int64_t i = 0; i < D; ++i) dxhat[i] = gr[i] * pw[i];
+          const float mean = dot(dxhat.data(), xhat.data(), D) / static_cast<float>(D);
+          float* gxr = pgx + r * D;
+          for (int64_t i = 0; i < D; ++i) gxr[i] = (dxhat[i] - xhat[i] * mean) * rs;
+        }
+      }
+    }
+  });
+  if (need_w) {
+    std::vector<double> total(D, 0.0);
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t i = 0; i < D; ++i) total[i] += partial[c * D + i];
+    grad_w = torch::empty({D}, x.options());
+    float* pgw = grad_w.data_ptr<float>();
+    for (int64_t i = 0; i < D; ++i) pgw[i] = static_cast<float>(total[i]);
+  }
+  return {grad_x, grad_w};
+}
+
+// RoPE: out[..., :Y] = x1 * c - x2 * s, out[..., Y:] = x2 * c + x1 * s (s negated for the backward), each product
+// rounded before the sum as transformers' q * cos + rotate_half(q) * sin rounds it. x and out are [B, S, N, 2Y] with
+// any strides but a unit last one (out may be a heads-major buffer seen as [B, S, N, 2Y]); cos/sin are [S, Y].
+void rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool negate_sin,
+          torch::Tensor& out) {
+  TORCH_CHECK(x.dim() == 4 && out.sizes() == x.sizes(), "moekit rope: x and out must be [B, S, N, X] alike");
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x, &cos, &sin, &out})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->stride(-1) == 1,
+                "moekit rope: float32 CPU tensors with a unit last stride expected");
+  const int64_t B = x.size(0), S = x.size(1), N = x.size(2), Y = x.size(3) / 2;
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == S && cos.size(1) == Y && sin.sizes() == cos.sizes(),
+              "moekit rope: cos/sin must be [S, X/2] = [", S, ", ", Y, "], got ", cos.sizes());
+  const float* px = x.data_ptr<float>();
+  const float* pc = cos.data_ptr<float>();
+  const float* ps = sin.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t xb = x.stride(0), xs = x.stride(1), xn = x.stride(2);
+  const int64_t ob = out.stride(0), os = out.stride(1), on = out.stride(2);
+  const int64_t cs = cos.stride(0), ss = sin.stride(0);
+  at::parallel_for(0, B * S * N, grain_rows(2 * Y), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (S * N), si = (r / N) % S, n = r % N;
+      const float* x1 = px + b * xb + si * xs + n * xn;
+      const float* x2 = x1 + Y;
+      float* o1 = po + b * ob + si * os + n * on;
+      float* o2 = o1 + Y;
+      const float* c = pc + si * cs;
+      const float* sn = ps + si * ss;
+      for (int64_t i = 0; i < Y; i += Vec::size()) {
+        const int64_t k = std::min<int64_t>(Vec::size(), Y - i);
+        Vec a = Vec::loadu(x1 + i, k), bb = Vec::loadu(x2 + i, k), cv = Vec::loadu(c + i, k);
+        Vec sv = Vec::loadu(sn + i, k);
+        if (negate_sin) sv = sv.neg();
+        (a * cv - bb * sv).store(o1 + i, k);
+        (bb * cv + a * sv).store(o2 + i, k);
+      }
+    }
+  });
+}
+
+// Cross-entropy over rows of logits [N, V] with integer targets [N] (ignore_index rows count nothing):
+// returns (sum of the losses of the counted rows, their number, lse [N]); logsumexp per row in double.
+std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, const torch::Tensor& targets,
+                                                 int64_t ignore_index) {
+  check_float_contiguous(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "moekit cross_entropy: logits must be [N, V], got ", logits.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == logits.size(0),
+              "moekit cross_entropy: targets must be N contiguous int64 values");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto lse = torch::empty({N}, logits.options());
+  std::vector<double> row_loss(N, 0.0);
+  std::vector<char> counted(N, 0);
+  const float* pl = logits.data_ptr<float>();
+  const int64_t* pt = targets.data_ptr<int64_t>();
+  float* plse = lse.data_ptr<float>();
+  bool bad = false;
+  int64_t bad_value = 0;
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = pl + r * V;
+      float mx = -std::numeric_limits<float>::infinity();
+      {
+        Vec mxv(mx);
+        int64_t i = 0;
+        for (; i + Vec::size() <= V; i += Vec::size()) mxv = at::vec::maximum(mxv, Vec::loadu(x + i));
+        float lanes[Vec::size()];
+        mxv.store(lanes);
+        for (int64_t l = 0; l < Vec::size(); ++l) mx = std::max(mx, lanes[l]);
+        for (; i < V; ++i) mx = std::max(mx, x[i]);
+      }
+      Vec acc(0.f);
+      const Vec mv(mx);
+      int64_t i = 0;
+      for (; i + Vec::size() <= V; i += Vec::size()) acc = acc + (Vec::loadu(x + i) - mv).exp();
+      float lanes[Vec::size()];
+      acc.store(lanes);
+      double sum = 0.0;
+      for (int64_t l = 0; l < Vec::size(); ++l) sum += lanes[l];
+      for (; i < V; ++i) sum += std::exp(static_cast<double>(x[i]) - mx);
+      const double l = static_cast<double>(mx) + std::log(sum);
+      plse[r] = static_cast<float>(l);
+      const int64_t t = pt[r];
+      if (t == ignore_index) continue;
+      if (t < 0 || t >= V) {
+        bad = true;
+        bad_value = t;
+        continue;
+      }
+      row_loss[r] = l - x[t];
+      counted[r] = 1;
+    }
+  });
+  TORCH_CHECK(!bad, "moekit cross_entropy: target ", bad_value, " is out of range [0, ", V, ")");
+  double total = 0.0;
+  int64_t count = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    total += row_loss[r];
+    count += counted[r];
+  }
+  auto opts = logits.options().dtype(at::kDouble);
+  return {torch::full({}, total, opts), torch::full({}, static_cast<double>(count), opts), lse};
+}
+
+// grad_logits[r, v] = (exp(x - lse[r]) - [v == t_r]) * scale for counted rows, 0 for ignored ones.
+torch::Tensor cross_entropy_backward(const torch::Tensor& logits, const torch::Tensor& targets,
+                                     const torch::Tensor& lse, double scale, int64_t ignore_index) {
+  check_float_contiguous(logits, "logits");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto grad = torch::empty_like(logits);
+  const float* pl = logits.data_ptr<float>();
+  const int64_t* pt = targets.data_ptr<int64_t>();
+  const float* plse = lse.data_ptr<float>();
+  float* pg = grad.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* g = pg + r * V;
+      const int64_t t = pt[r];
+      if (t == ignore_index) {
+        std::fill(g, g + V, 0.f);
+        continue;
+      }
+      const float* x = pl + r * V;
+      const Vec lv(plse[r]), sv(sc);
+      for (int64_t i = 0; i < V; i += Vec::size()) {
+        const int64_t k = std::min<int64_t>(Vec::size(), V - i);
+        ((Vec::loadu(x + i, k) - lv).exp() * sv).store(g + i, k);
+      }
+      g[t] -= sc;
+    }
+  });
+  return grad;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up (* scale), fused");
+  m.def("swiglu_backward", &swiglu_backward, "backward of swiglu_forward");
+  m.def("rms_norm_forward", &rms_norm_forward, "RMSNorm forward, returns (y, rstd [N, 1])");
+  m.def("rms_norm_backward", &rms_norm_backward, "RMSNorm backward, returns (grad_x, grad_w)");
+  m.def("rope", &rope, "rotary position embedding into out");
+  m.def("cross_entropy_forward", &cross_entropy_forward, "(loss sum, count, lse) of a cross-entropy");
+  m.def("cross_entropy_backward", &cross_entropy_backward, "gradient of the cross-entropy times scale");
+}
