@@ -174,3 +174,17 @@ def test_non_float32_inputs_take_the_pytorch_forms(fused_kernels):
     h = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
     s = torch.rand(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda h, s: _ScaledSwiGLU.apply(h, s), (h, s))
+
+
+def test_a_stale_build_lock_is_removed_instead_of_waited_on(fused_kernels):
+    import os
+    import time
+
+    _, build_dir = kernels._extension()
+    lock = build_dir / "lock"  # what a build killed mid-way leaves behind
+    lock.touch()
+    old = time.time() - 2 * kernels._STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale kernel build lock"):
+        module = kernels._build()
+    assert not lock.exists() and module.__name__ == fused_kernels.__name__

@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,7 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
+_STALE_LOCK_SECONDS = 600
 
 _ISA_FLAGS = {  # torch.backends.cpu.get_cpu_capability() -> compiler flags selecting at::vec's implementation
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
@@ -76,19 +78,44 @@ def _ensure_ninja_on_path() -> None:
             return
 
 
-def _build() -> ModuleType:
+def _extension() -> tuple[str, Path]:
+    """The extension's name (a digest of the source, the flags and torch's version) and its build folder."""
     from torch.utils import cpp_extension
 
     cflags, ldflags = _flags()
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cflags + ldflags).encode() + torch.__version__.encode())
     name = f"moekit_cpu_kernels_{digest.hexdigest()[:12]}"
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    if not any(build_dir.glob(f"{name}*.so")):
-        print("moekit: compiling its fused CPU kernels (once per machine and torch version, ~30-60 s) ...",
-              file=sys.stderr, flush=True)
+    return name, Path(cpp_extension._get_build_directory(name, verbose=False))
+
+
+def _build() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    cflags, ldflags = _flags()
+    name, build_dir = _extension()
+    lock = build_dir / "lock"  # torch's build baton: a build killed mid-way leaves it, and every later load would
+    try:  # wait on it forever; no build takes minutes, so an old one is stale
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+            warnings.warn(f"removing a stale kernel build lock {lock} (a build killed mid-way)", RuntimeWarning,
+                          stacklevel=3)
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    # Compile a copy inside the build folder: the name already pins the content, and a fixed path keeps ninja from
+    # rebuilding whenever another checkout (another source path) of the same version loads it.
+    source = build_dir / _SOURCE.name
+    fresh = not source.exists() or source.read_bytes() != _SOURCE.read_bytes()
+    if fresh:
+        tmp = source.with_name(f".{source.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(_SOURCE.read_bytes())
+        os.replace(tmp, source)
+    if fresh or not any(build_dir.glob(f"{name}*.so")):
+        print("moekit: compiling its fused CPU kernels (once per machine, torch version and kernel source; ~30-60 s)"
+              " ...", file=sys.stderr, flush=True)
     _ensure_ninja_on_path()
     return cpp_extension.load(
-        name=name, sources=[str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=False
+        name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(build_dir),
+        verbose=False,
     )
 
 
