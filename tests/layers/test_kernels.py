@@ -188,3 +188,14 @@ def test_a_stale_build_lock_is_removed_instead_of_waited_on(fused_kernels):
     with pytest.warns(RuntimeWarning, match="stale kernel build lock"):
         module = kernels._build()
     assert not lock.exists() and module.__name__ == fused_kernels.__name__
+
+
+def test_dense_ffn_swiglu_takes_empty_and_batched_inputs(fused_kernels):
+    from moekit.layers.experts import FFN
+
+    torch.manual_seed(0)
+    ffn = FFN(8, 6)
+    assert ffn(torch.randn(0, 8)).shape == (0, 8) and ffn(torch.randn(2, 0, 8)).shape == (2, 0, 8)
+    x = torch.randn(3, 4, 8)
+    gate, up = ffn.w_in(x).chunk(2, dim=-1)
+    torch.testing.assert_close(ffn(x), ffn.w_out(F.silu(gate) * up), atol=1e-6, rtol=1e-5)

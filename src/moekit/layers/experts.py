@@ -331,5 +331,6 @@ class FFN(nn.Module):
         """x [..., D] -> [..., D]."""
         h = self.w_in(x)
         if self.activation == "swiglu":  # one autograd node (one C++ pass each way on float32 CPU)
-            return self.w_out(_ScaledSwiGLU.apply(h.reshape(-1, h.shape[-1]), None).view(*h.shape[:-1], -1))
+            act = _ScaledSwiGLU.apply(h.reshape(-1, h.shape[-1]), None)
+            return self.w_out(act.view(*h.shape[:-1], h.shape[-1] // 2))
         return self.w_out(activate(h, self.activation, self.swiglu_alpha, self.swiglu_limit))
