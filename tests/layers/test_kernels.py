@@ -180,7 +180,7 @@ def test_a_stale_build_lock_is_removed_instead_of_waited_on(fused_kernels):
     import os
     import time
 
-    _, build_dir = kernels._extension()
+    build_dir = kernels._extension()[1]
     lock = build_dir / "lock"  # what a build killed mid-way leaves behind
     lock.touch()
     old = time.time() - 2 * kernels._STALE_LOCK_SECONDS

@@ -114,7 +114,6 @@ class Block(nn.Module):
         return y_BSD if self.residual_multiplier == 1.0 else y_BSD * self.residual_multiplier
 
 
-
 IGNORE_INDEX = -100  # targets that count for nothing (padding), as in F.cross_entropy
 
 

@@ -78,21 +78,21 @@ def _ensure_ninja_on_path() -> None:
             return
 
 
-def _extension() -> tuple[str, Path]:
-    """The extension's name (a digest of the source, the flags and torch's version) and its build folder."""
+def _extension() -> tuple[str, Path, bytes, list[str], list[str]]:
+    """The extension's name (a digest of the source, the flags and torch's version), its build folder, the source
+    and the compiler and linker flags."""
     from torch.utils import cpp_extension
 
-    cflags, ldflags = _flags()
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cflags + ldflags).encode() + torch.__version__.encode())
+    code, (cflags, ldflags) = _SOURCE.read_bytes(), _flags()
+    digest = hashlib.sha256(code + " ".join(cflags + ldflags).encode() + torch.__version__.encode())
     name = f"moekit_cpu_kernels_{digest.hexdigest()[:12]}"
-    return name, Path(cpp_extension._get_build_directory(name, verbose=False))
+    return name, Path(cpp_extension._get_build_directory(name, verbose=False)), code, cflags, ldflags
 
 
 def _build() -> ModuleType:
     from torch.utils import cpp_extension
 
-    cflags, ldflags = _flags()
-    name, build_dir = _extension()
+    name, build_dir, code, cflags, ldflags = _extension()
     lock = build_dir / "lock"  # torch's build baton: a build killed mid-way leaves it, and every later load would
     try:  # wait on it forever; no build takes minutes, so an old one is stale
         if time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
@@ -104,10 +104,10 @@ def _build() -> ModuleType:
     # Compile a copy inside the build folder: the name already pins the content, and a fixed path keeps ninja from
     # rebuilding whenever another checkout (another source path) of the same version loads it.
     source = build_dir / _SOURCE.name
-    fresh = not source.exists() or source.read_bytes() != _SOURCE.read_bytes()
+    fresh = not source.exists() or source.read_bytes() != code
     if fresh:
         tmp = source.with_name(f".{source.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(_SOURCE.read_bytes())
+        tmp.write_bytes(code)
         os.replace(tmp, source)
     if fresh or not any(build_dir.glob(f"{name}*.so")):
         print("moekit: compiling its fused CPU kernels (once per machine, torch version and kernel source; ~30-60 s)"

@@ -31,32 +31,44 @@ void check_float_contiguous(const torch::Tensor& t, const char* name) {
               t.is_contiguous() ? "" : " (not contiguous)");
 }
 
+// The lanes of a vector of partial sums, added in double.
+inline double lane_sum(const Vec& v) {
+  float lanes[Vec::size()];
+  v.store(lanes);
+  double s = 0.0;
+  for (int64_t l = 0; l < Vec::size(); ++l) s += lanes[l];
+  return s;
+}
+
 // Sum over a row of a[i] * b[i], vectorised with float lanes, then the lanes summed in double.
 inline float dot(const float* a, const float* b, int64_t n) {
   Vec acc(0.f);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + Vec::loadu(a + i) * Vec::loadu(b + i);
-  float lanes[Vec::size()];
-  acc.store(lanes);
-  double s = 0.0;
-  for (int64_t l = 0; l < Vec::size(); ++l) s += lanes[l];
+  double s = lane_sum(acc);
   for (; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
   return static_cast<float>(s);
 }
 
+// The data of an optional per-row scale of M values (nullptr when absent).
+const float* scale_data(const c10::optional<torch::Tensor>& scale, int64_t M) {
+  if (!scale.has_value()) return nullptr;
+  check_float_contiguous(*scale, "scale");
+  TORCH_CHECK(scale->numel() == M, "moekit swiglu: scale must have M = ", M, " values, got ", scale->numel());
+  return scale->data_ptr<float>();
+}
+
 }  // namespace
+
+// Row loops below step by whole vectors; loadu(p, n) / store(p, n) take the last partial one (at::vec's counted
+// load fills the lanes past n with zeros, so they add nothing to a sum).
 
 // out[m, f] = silu(h[m, f]) * h[m, F + f] (* scale[m]): the rounding of F.silu(gate).mul_(up).mul_(scale).
 torch::Tensor swiglu_forward(const torch::Tensor& h, const c10::optional<torch::Tensor>& scale) {
   check_float_contiguous(h, "h");
   TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "moekit swiglu: h must be [M, 2F], got ", h.sizes());
   const int64_t M = h.size(0), F = h.size(1) / 2;
-  const float* ps = nullptr;
-  if (scale.has_value()) {
-    check_float_contiguous(*scale, "scale");
-    TORCH_CHECK(scale->numel() == M, "moekit swiglu: scale must have M = ", M, " values, got ", scale->numel());
-    ps = scale->data_ptr<float>();
-  }
+  const float* ps = scale_data(scale, M);
   auto out = torch::empty({M, F}, h.options());
   const float* ph = h.data_ptr<float>();
   float* po = out.data_ptr<float>();
@@ -67,15 +79,8 @@ torch::Tensor swiglu_forward(const torch::Tensor& h, const c10::optional<torch::
       const float* u = g + F;
       float* o = po + m * F;
       const Vec s(ps ? ps[m] : 1.f);
-      int64_t i = 0;
-      for (; i + Vec::size() <= F; i += Vec::size()) {
-        Vec gv = Vec::loadu(g + i);
-        Vec r = gv / (one + gv.neg().exp()) * Vec::loadu(u + i);
-        if (ps) r = r * s;
-        r.store(o + i);
-      }
-      if (i < F) {
-        const int64_t n = F - i;
+      for (int64_t i = 0; i < F; i += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), F - i);
         Vec gv = Vec::loadu(g + i, n);
         Vec r = gv / (one + gv.neg().exp()) * Vec::loadu(u + i, n);
         if (ps) r = r * s;
@@ -96,11 +101,7 @@ std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torc
   const int64_t M = h.size(0), F = h.size(1) / 2;
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == F, "moekit swiglu: grad must be [", M, ", ",
               F, "], got ", grad.sizes());
-  const float* ps = nullptr;
-  if (scale.has_value()) {
-    check_float_contiguous(*scale, "scale");
-    ps = scale->data_ptr<float>();
-  }
+  const float* ps = scale_data(scale, M);
   auto grad_h = torch::empty_like(h);
   torch::Tensor grad_scale;
   float* pgs = nullptr;
@@ -121,49 +122,26 @@ std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torc
       float* du = dg + F;
       const Vec s(ps ? ps[m] : 1.f);
       Vec acc(0.f);
-      double tail = 0.0;
       for (int64_t i = 0; i < F; i += Vec::size()) {
         const int64_t n = std::min<int64_t>(Vec::size(), F - i);
-        Vec gv = n == Vec::size() ? Vec::loadu(g + i) : Vec::loadu(g + i, n);
-        Vec uv = n == Vec::size() ? Vec::loadu(u + i) : Vec::loadu(u + i, n);
-        Vec dyv = n == Vec::size() ? Vec::loadu(dy + i) : Vec::loadu(dy + i, n);
+        Vec gv = Vec::loadu(g + i, n), uv = Vec::loadu(u + i, n), dyv = Vec::loadu(dy + i, n);
         Vec sig = (one + gv.neg().exp()).reciprocal();
         Vec act = gv * sig;
         Vec dup = dyv * act;  // grad * silu(g), before the scale
-        if (pgs) {
-          if (n == Vec::size()) {
-            acc = acc + dup * uv;
-          } else {
-            float a[Vec::size()], b[Vec::size()];
-            dup.store(a, n);
-            uv.store(b, n);
-            for (int64_t l = 0; l < n; ++l) tail += static_cast<double>(a[l]) * b[l];
-          }
-        }
+        if (pgs) acc = acc + dup * uv;
         Vec dsilu = (gv - act + one) * sig;
         Vec dgv = ps ? (dyv * s) * uv * dsilu : dyv * uv * dsilu;
         if (ps) dup = dup * s;
-        if (n == Vec::size()) {
-          dup.store(du + i);
-          dgv.store(dg + i);
-        } else {
-          dup.store(du + i, n);
-          dgv.store(dg + i, n);
-        }
+        dup.store(du + i, n);
+        dgv.store(dg + i, n);
       }
-      if (pgs) {
-        float lanes[Vec::size()];
-        acc.store(lanes);
-        double total = tail;
-        for (int64_t l = 0; l < Vec::size(); ++l) total += lanes[l];
-        pgs[m] = static_cast<float>(total);
-      }
+      if (pgs) pgs[m] = static_cast<float>(lane_sum(acc));
     }
   });
   return {grad_h, grad_scale};
 }
 
-// RMSNorm forward: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row (sum of squares in double).
+// RMSNorm forward: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row (see `dot` for the sum).
 std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const torch::Tensor& w, double eps) {
   check_float_contiguous(x, "x");
   check_float_contiguous(w, "weight");
@@ -318,10 +296,7 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
       const Vec mv(mx);
       int64_t i = 0;
       for (; i + Vec::size() <= V; i += Vec::size()) acc = acc + (Vec::loadu(x + i) - mv).exp();
-      float lanes[Vec::size()];
-      acc.store(lanes);
-      double sum = 0.0;
-      for (int64_t l = 0; l < Vec::size(); ++l) sum += lanes[l];
+      double sum = lane_sum(acc);
       for (; i < V; ++i) sum += std::exp(static_cast<double>(x[i]) - mx);
       const double l = static_cast<double>(mx) + std::log(sum);
       plse[r] = static_cast<float>(l);
