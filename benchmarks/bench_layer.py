@@ -44,7 +44,7 @@ eager block must not.
 
 Usage: python benchmarks/bench_layer.py [--quick] [--repeats N] [--dtypes float32,bfloat16] [--json out.json]
        [--only moekit,naive,hf_grouped,hf_eager] [--skip-naive] [--stat median|min] [--threads N]
-       [--decode-backward]
+       [--decode-backward] [--kinds train,decode]
 """
 
 from __future__ import annotations
@@ -333,12 +333,16 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--only", default=",".join(CANDIDATES), help="MoE candidates to run (dense always runs)")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--kinds", default="train,decode", help="which shapes: train, decode or both (default)")
     p.add_argument("--decode-backward", action="store_true", help="also time fwd+bwd at the decode shapes")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 resists a busy shared machine")
     p.add_argument("--json", help="write every median and sample to this file")
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc's malloc thresholds alone (default: "
                    "moekit.runtime.tune_cpu_allocator, as the moekit command does; it applies to every candidate)")
     args = p.parse_args()
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    if not args.kinds or set(args.kinds) - {"train", "decode"}:
+        p.error(f"--kinds {','.join(args.kinds)!r}: expected train, decode or train,decode")
     if not args.no_malloc_tuning:
         from moekit.runtime import tune_cpu_allocator
 
@@ -366,9 +370,9 @@ def main() -> None:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for dname in dtypes:
         dtype = getattr(torch, dname)
-        for E, K, Fh in TRAIN_SHAPES:
+        for E, K, Fh in TRAIN_SHAPES if "train" in args.kinds else ():
             rows += bench_shape(E, K, TRAIN_D, Fh, T_train, dtype, args, False, flush, bandwidth)
-        for T in (1, 8):
+        for T in (1, 8) if "decode" in args.kinds else ():
             rows += bench_shape(DECODE["E"], DECODE["K"], DECODE["D"], DECODE["F"], T, dtype, args, True, flush,
                                 bandwidth)
 

@@ -199,3 +199,82 @@ def test_dense_ffn_swiglu_takes_empty_and_batched_inputs(fused_kernels):
     x = torch.randn(3, 4, 8)
     gate, up = ffn.w_in(x).chunk(2, dim=-1)
     torch.testing.assert_close(ffn(x), ffn.w_out(F.silu(gate) * up), atol=1e-6, rtol=1e-5)
+
+
+def _decode_reference(x, idx, w, w_in, w_out):
+    """The decode kernel's formula in float64: per slot w * (silu(x W_gate) * (x W_up)) W_out, summed per token."""
+    x, w_in, w_out = x.double(), w_in.double(), w_out.double()
+    F_ = w_out.shape[1]
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(idx.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            if e >= 0:
+                h = x[t] @ w_in[e]
+                y[t] += float(w[t, k]) * ((F.silu(h[:F_]) * h[F_:]) @ w_out[e])
+    return y
+
+
+@pytest.mark.parametrize("T,K,E,D,Fh", [(1, 8, 64, 64, 32), (5, 2, 4, 17, 9), (16, 4, 8, 48, 40), (3, 1, 3, 7, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_decode_kernel_equals_the_formula(fused_kernels, T, K, E, D, Fh, dtype):
+    torch.manual_seed(T * 100 + D)
+    x = torch.randn(T, D).to(dtype)
+    w_in, w_out = (torch.randn(E, D, 2 * Fh) / D**0.5).to(dtype), (torch.randn(E, Fh, D) / Fh**0.5).to(dtype)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])  # tokens share experts when T * K > E
+    idx[0, -1] = -1  # an empty slot (a padding token's, or a masked one) is skipped
+    w = torch.rand(T, K)
+    y, counts = fused_kernels.moe_decode(x, idx, w, w_in, w_out)
+    ref = _decode_reference(x, idx, w, w_in, w_out)
+    assert y.dtype == dtype and y.shape == (T, D)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)  # bf16: output rounding
+    torch.testing.assert_close(y.double(), ref, **tol)
+    assert torch.equal(counts, torch.bincount(idx[idx >= 0], minlength=E))
+
+
+def test_moe_decode_kernel_is_bitwise_the_same_at_any_thread_count(fused_kernels):
+    torch.manual_seed(0)
+    x, idx, w = torch.randn(8, 64), torch.randint(0, 16, (8, 4)), torch.rand(8, 4)
+    w_in, w_out = torch.randn(16, 64, 96), torch.randn(16, 48, 64)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(fused_kernels.moe_decode(x, idx, w, w_in, w_out)[0])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_moe_decode_kernel_rejects_bad_input(fused_kernels):
+    x, idx, w = torch.randn(2, 8), torch.zeros(2, 2, dtype=torch.long), torch.rand(2, 2)
+    w_in, w_out = torch.randn(4, 8, 6), torch.randn(4, 3, 8)
+    with pytest.raises(RuntimeError, match="expert index 4 out of range for 4 experts"):
+        fused_kernels.moe_decode(x, idx.fill_(4), w, w_in, w_out)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        fused_kernels.moe_decode(x, idx.zero_(), w, w_in, torch.randn(4, 3, 9))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        fused_kernels.moe_decode(x.bfloat16(), idx, w, w_in, w_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_inference_with_few_tokens_takes_the_decode_kernel(fused_kernels, monkeypatch, dtype):
+    from moekit import MoE, MoEConfig
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=32, d_ff=24, num_experts=8, top_k=2)).to(dtype)
+    x = torch.randn(2, 5, 32).to(dtype)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    calls = []
+    real = kernels._module.moe_decode
+    monkeypatch.setattr(kernels._module, "moe_decode", lambda *a: calls.append(1) or real(*a), raising=False)
+    y_grad = moe(x, mask=mask)  # autograd on: the dispatch path
+    stats_grad = moe.last
+    with torch.no_grad():
+        y = moe(x, mask=mask)
+    assert calls == [1]
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(y, y_grad.detach(), **tol)
+    assert torch.equal(moe.last.tokens_per_expert, stats_grad.tokens_per_expert)
+    torch.testing.assert_close(moe.last.entropy, stats_grad.entropy)

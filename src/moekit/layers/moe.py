@@ -10,6 +10,7 @@ every MoE layer of a model in one call.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -17,12 +18,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moekit.config import MoEConfig
-from moekit.layers import balance, dispatch
+from moekit.layers import balance, dispatch, kernels
 from moekit.layers.experts import FFN, Experts
 from moekit.layers.routing import RouterOutput, build_router
 
 
 _FEW_SLOTS = 16  # token-slots at or below which an inference call takes the decode path (T=1 up to K=16)
+_DECODE_KERNEL_SLOTS = 128  # ... and with the fused decode kernel (layers/kernels), at or below this many
 
 
 @dataclass
@@ -36,7 +38,8 @@ class MoEStats:
         routed_per_expert: [E] slots the router assigned to each expert (before capacity).
         dropped: slots dropped for lack of capacity.
         rerouted: slots moved to a next-best expert.
-        entropy: mean router entropy over real tokens, in nats.
+        entropy: mean router entropy over real tokens, in nats (a property, computed from router_probs and mask
+            on first access).
         router_logits: [T, E] router logits (float32, detached).
         capacity: slots per expert, or None when dropless.
     """
@@ -47,9 +50,15 @@ class MoEStats:
     routed_per_expert: Tensor | None = None
     dropped: Tensor | None = None
     rerouted: Tensor | None = None
-    entropy: Tensor | None = None
     router_logits: Tensor | None = None
     capacity: int | None = None
+    router_probs: Tensor | None = field(default=None, repr=False)  # [T, E] detached, for `entropy`
+    mask: Tensor | None = field(default=None, repr=False)  # [T] bool, True for real tokens, for `entropy`
+
+    @functools.cached_property
+    def entropy(self) -> Tensor | None:
+        """Mean router entropy over real tokens, in nats (computed on first access: decoding never pays for it)."""
+        return None if self.router_probs is None else balance.router_entropy(self.router_probs, self.mask)
 
 
 class MoE(nn.Module):
@@ -101,7 +110,9 @@ class MoE(nn.Module):
         capacity = None
         if cfg.capacity_factor is not None and not route.expert_choice:
             num_real = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
-            capacity = dispatch.expert_capacity(num_real, cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.min_capacity)
+            capacity = dispatch.expert_capacity(
+                num_real, cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.min_capacity
+            )
         if self._few_slots(route, capacity, x_TD):
             y_TD, plan = self._forward_few_slots(x_TD, route)
         else:
@@ -131,19 +142,45 @@ class MoE(nn.Module):
     def _few_slots(self, route: RouterOutput, capacity: int | None, x_TD: Tensor) -> bool:
         # Decode (a handful of tokens, no autograd, CPU): sorting, planning and grouped kernels cost more than the
         # few expert multiplies themselves, so those run directly (gpt-fast keeps its decode path apart likewise).
+        if (
+            capacity is not None
+            or self.expert_parallel is not None
+            or route.expert_choice
+            or torch.is_grad_enabled()
+            or x_TD.device.type != "cpu"
+        ):
+            return False
+        slots = route.indices.numel()
+        return slots <= _FEW_SLOTS or (slots <= _DECODE_KERNEL_SLOTS and self._decode_kernel(x_TD))
+
+    def _decode_kernel(self, x_TD: Tensor) -> bool:
+        """Whether the fused decode kernel takes this call: plain SwiGLU experts (no biases) in x's dtype, float32
+        or bfloat16, on the CPU, kernels built."""
+        ex = self.experts
         return (
-            capacity is None
-            and self.expert_parallel is None
-            and not route.expert_choice
-            and not torch.is_grad_enabled()
-            and x_TD.device.type == "cpu"
-            and route.indices.numel() <= _FEW_SLOTS
+            ex.activation == "swiglu"
+            and ex.b_in is None
+            and ex.b_out is None
+            and x_TD.dtype in (torch.float32, torch.bfloat16)
+            and ex.w_in.dtype == x_TD.dtype
+            and ex.w_in.device.type == "cpu"
+            and kernels.cpu_kernels() is not None
         )
 
     def _forward_few_slots(self, x_TD: Tensor, route: RouterOutput) -> tuple[Tensor, dispatch.DispatchPlan]:
         T, K = route.indices.shape
         E = self.config.num_experts
         experts = self.experts
+        zero = torch.zeros((), dtype=torch.long, device=x_TD.device)
+        empty = torch.zeros(0, dtype=torch.long, device=x_TD.device)
+        if self._decode_kernel(x_TD):  # one call: each touched expert's weights streamed once for all its tokens
+            y_TD, counts_E = kernels.cpu_kernels().moe_decode(
+                x_TD.contiguous(), route.indices.contiguous(), route.weights.float().contiguous(),
+                experts.w_in.contiguous(), experts.w_out.contiguous(),
+            )
+            plan = dispatch.DispatchPlan(empty, empty, route.weights.new_zeros(0), counts_E, counts_E, T, K, None,
+                                         zero, zero)
+            return y_TD, plan
         plain_swiglu = experts.activation == "swiglu" and experts.b_in is None and experts.b_out is None
         w_in, w_out = experts.w_in.to(x_TD.dtype), experts.w_out.to(x_TD.dtype)
         weights_N = route.weights.reshape(-1).to(x_TD.dtype)
@@ -164,8 +201,6 @@ class MoE(nn.Module):
         # Summed per token in slot order with the same kernel as the main path.
         y_TD = torch.nn.functional.embedding_bag(torch.arange(T * K, device=x_TD.device).view(T, K), y_ND, mode="sum")
         counts_E = torch.tensor(counts, dtype=torch.long, device=x_TD.device)
-        zero = torch.zeros((), dtype=torch.long, device=x_TD.device)
-        empty = torch.zeros(0, dtype=torch.long, device=x_TD.device)
         plan = dispatch.DispatchPlan(empty, empty, weights_N[:0], counts_E, counts_E, T, K, None, zero, zero)
         return y_TD, plan
 
@@ -175,7 +210,9 @@ class MoE(nn.Module):
             got = x.dtype if isinstance(x, Tensor) else type(x).__name__
             raise TypeError(f"MoE input must be a floating-point tensor (hidden states), got {got}")
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.d_model:
-            raise ValueError(f"MoE input has shape {tuple(x.shape)}: expected [B, S, {cfg.d_model}] or [T, {cfg.d_model}]")
+            raise ValueError(
+                f"MoE input has shape {tuple(x.shape)}: expected [B, S, {cfg.d_model}] or [T, {cfg.d_model}]"
+            )
         lead_shape = tuple(x.shape[:-1])
         for name, t in (("token_ids", token_ids), ("mask", mask)):
             if t is not None and tuple(t.shape) != lead_shape:
@@ -218,9 +255,10 @@ class MoE(nn.Module):
             routed_per_expert=plan.routed_counts,
             dropped=plan.dropped,
             rerouted=plan.rerouted,
-            entropy=balance.router_entropy(route.probs.detach(), mask_T),
             router_logits=route.logits.detach(),
             capacity=plan.capacity,
+            router_probs=route.probs.detach(),
+            mask=mask_T,
         )
 
     def _global_sums(self, gates_TE: Tensor, load: Tensor, mask_T: Tensor | None):

@@ -353,6 +353,152 @@ torch::Tensor cross_entropy_backward(const torch::Tensor& logits, const torch::T
   return grad;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// MoE decode: a few token-slots, no autograd. Each touched expert's weights are streamed once from memory (the cost
+// of decoding is reading them) for all the tokens routed to it, as row-by-row multiply-adds into float32
+// accumulators, instead of PyTorch's ~8 small ops per slot. Float32 or bfloat16 weights (converted to float32 as
+// they are loaded: bf16 decode then costs what its bytes cost, where this CPU has no bf16 arithmetic).
+//   x [T, D], indices [T, K] (int64, -1 = no expert), weights [T, K] float32, w_in [E, D, 2F] (gate then up),
+//   w_out [E, F, D]; x, w_in, w_out of one dtype. Returns (y [T, D] in x's dtype, tokens per expert [E] int64).
+//   y[t] = sum over k in slot order of weights[t, k] * (silu(x w_gate) * (x w_up)) w_out, all in float32.
+
+namespace {
+
+inline Vec load_f(const float* p) { return Vec::loadu(p); }
+inline Vec load_f(const at::BFloat16* p) {
+  Vec v;
+  at::vec::load_fp32_from_bf16(p, v);
+  return v;
+}
+inline float to_f(float v) { return v; }
+inline float to_f(at::BFloat16 v) { return static_cast<float>(v); }
+
+// acc[j][c] += sum over r < R of a[r * n + j] * w[r * width + c], for the n rows j of acc (row stride ld) and
+// c < width: R consecutive rows of a weight matrix streamed together (R loads in flight per accumulator update).
+template <int R, typename W>
+inline void axpy_rows(float* acc, int64_t ld, const float* a, int64_t n, const W* w, int64_t width) {
+  int64_t c = 0;
+  for (; c + Vec::size() <= width; c += Vec::size()) {
+    Vec wv[R];
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(w + (r + 2 * R) * width + c);
+      wv[r] = load_f(w + r * width + c);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      float* p = acc + j * ld + c;
+      Vec s = Vec::loadu(p);
+      for (int r = 0; r < R; ++r) s = at::vec::fmadd(Vec(a[r * n + j]), wv[r], s);
+      s.store(p);
+    }
+  }
+  for (; c < width; ++c)
+    for (int64_t j = 0; j < n; ++j)
+      for (int r = 0; r < R; ++r) acc[j * ld + c] += a[r * n + j] * to_f(w[r * width + c]);
+}
+
+// acc [n, width] += a [rows, n]^T-ordered products with the rows x width matrix w, four rows at a time.
+template <typename W>
+inline void gemv_rows(float* acc, const float* a, int64_t n, const W* w, int64_t rows, int64_t width) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) axpy_rows<4>(acc, width, a + i * n, n, w + i * width, width);
+  for (; i < rows; ++i) axpy_rows<1>(acc, width, a + i * n, n, w + i * width, width);
+}
+
+template <typename W>
+void moe_decode_impl(const torch::Tensor& x, const int64_t* idx, const float* gate_w, const torch::Tensor& w_in,
+                     const torch::Tensor& w_out, int64_t T, int64_t K, float* y_slots, int64_t* counts) {
+  const int64_t D = x.size(1), E = w_in.size(0), F = w_out.size(1);
+  const W* px = x.data_ptr<W>();
+  const W* pin = w_in.data_ptr<W>();
+  const W* pout = w_out.data_ptr<W>();
+  // The touched experts in ascending order, each with its slots in slot order.
+  std::vector<std::vector<int64_t>> slots(E);
+  for (int64_t s = 0; s < T * K; ++s) {
+    const int64_t e = idx[s];
+    if (e < 0) continue;
+    TORCH_CHECK(e < E, "moekit moe_decode: expert index ", e, " out of range for ", E, " experts");
+    slots[e].push_back(s);
+  }
+  std::vector<int64_t> touched;
+  for (int64_t e = 0; e < E; ++e) {
+    counts[e] = static_cast<int64_t>(slots[e].size());
+    if (counts[e]) touched.push_back(e);
+  }
+  at::parallel_for(0, static_cast<int64_t>(touched.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xs, h, a_col, y;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t e = touched[u];
+      const std::vector<int64_t>& sl = slots[e];
+      const int64_t n = static_cast<int64_t>(sl.size());
+      xs.assign(D * n, 0.f);  // x transposed: the n tokens' values of input feature i side by side
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t i = 0; i < D; ++i) xs[i * n + j] = to_f(px[(sl[j] / K) * D + i]);
+      h.assign(n * 2 * F, 0.f);
+      const W* wi = pin + e * D * 2 * F;
+      gemv_rows(h.data(), xs.data(), n, wi, D, 2 * F);
+      // a[f][j] = w_j * silu(gate) * up, stored feature-major like xs for the second product
+      a_col.assign(F * n, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* g = h.data() + j * 2 * F;
+        const float s = gate_w[sl[j]];
+        for (int64_t f = 0; f < F; ++f) a_col[f * n + j] = s * (g[f] / (1.f + std::exp(-g[f]))) * g[F + f];
+      }
+      y.assign(n * D, 0.f);
+      const W* wo = pout + e * F * D;
+      gemv_rows(y.data(), a_col.data(), n, wo, F, D);
+      for (int64_t j = 0; j < n; ++j) std::copy(y.data() + j * D, y.data() + (j + 1) * D, y_slots + sl[j] * D);
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> moe_decode(const torch::Tensor& x, const torch::Tensor& indices,
+                                      const torch::Tensor& weights, const torch::Tensor& w_in,
+                                      const torch::Tensor& w_out) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "moekit moe_decode: x must be float32 or bfloat16, got ", dt);
+  for (const auto* t : {&x, &w_in, &w_out})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dt && t->is_contiguous(),
+                "moekit moe_decode: x, w_in and w_out must be contiguous CPU tensors of one dtype");
+  TORCH_CHECK(x.dim() == 2 && w_in.dim() == 3 && w_out.dim() == 3, "moekit moe_decode: expected x [T, D], w_in "
+              "[E, D, 2F], w_out [E, F, D]");
+  const int64_t T = x.size(0), D = x.size(1), E = w_in.size(0), F = w_out.size(1);
+  TORCH_CHECK(w_in.size(1) == D && w_in.size(2) == 2 * F && w_out.size(0) == E && w_out.size(2) == D,
+              "moekit moe_decode: w_in ", w_in.sizes(), " and w_out ", w_out.sizes(), " do not fit x ", x.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.is_contiguous() && indices.dim() == 2 &&
+                  indices.size(0) == T, "moekit moe_decode: indices must be contiguous int64 [T, K]");
+  const int64_t K = indices.size(1);
+  check_float_contiguous(weights, "weights");
+  TORCH_CHECK(weights.sizes() == indices.sizes(), "moekit moe_decode: weights ", weights.sizes(),
+              " must match indices ", indices.sizes());
+  auto y_slots = torch::zeros({T * K, D}, x.options().dtype(at::kFloat));  // rows of empty slots stay zero
+  auto counts = torch::empty({E}, indices.options());
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  if (dt == at::kFloat)
+    moe_decode_impl<float>(x, idx, weights.data_ptr<float>(), w_in, w_out, T, K, y_slots.data_ptr<float>(),
+                           counts.data_ptr<int64_t>());
+  else
+    moe_decode_impl<at::BFloat16>(x, idx, weights.data_ptr<float>(), w_in, w_out, T, K,
+                                  y_slots.data_ptr<float>(), counts.data_ptr<int64_t>());
+  // Each token's slots summed in slot order (fixed: the result does not depend on the thread count).
+  auto y = torch::empty({T, D}, x.options());
+  const float* ps = y_slots.data_ptr<float>();
+  float* pf = dt == at::kFloat ? y.data_ptr<float>() : nullptr;
+  at::BFloat16* pb = dt == at::kFloat ? nullptr : y.data_ptr<at::BFloat16>();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t d = 0; d < D; ++d) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += ps[(t * K + k) * D + d];
+      if (pf)
+        pf[t * D + d] = acc;
+      else
+        pb[t * D + d] = static_cast<at::BFloat16>(acc);
+    }
+  }
+  return {y, counts};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up (* scale), fused");
   m.def("swiglu_backward", &swiglu_backward, "backward of swiglu_forward");
@@ -360,5 +506,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward, "RMSNorm backward, returns (grad_x, grad_w)");
   m.def("rope", &rope, "rotary position embedding into out");
   m.def("cross_entropy_forward", &cross_entropy_forward, "(loss sum, count, lse) of a cross-entropy");
+  m.def("moe_decode", &moe_decode, "SwiGLU MoE experts for a few token-slots, (y, tokens per expert)");
   m.def("cross_entropy_backward", &cross_entropy_backward, "gradient of the cross-entropy times scale");
 }
