@@ -278,3 +278,59 @@ def test_moe_inference_with_few_tokens_takes_the_decode_kernel(fused_kernels, mo
     torch.testing.assert_close(y, y_grad.detach(), **tol)
     assert torch.equal(moe.last.tokens_per_expert, stats_grad.tokens_per_expert)
     torch.testing.assert_close(moe.last.entropy, stats_grad.entropy)
+
+
+@pytest.mark.parametrize("E,D,Fh,M", [(4, 16, 12, 30), (5, 8, 3, 7), (16, 64, 40, 500), (1, 24, 17, 9)])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_fused_swiglu_experts_equal_the_pytorch_path(fused_kernels, E, D, Fh, M, with_scale):
+    from moekit.layers.experts import Experts
+
+    torch.manual_seed(E * M)
+    ex = Experts(E, D, Fh)
+    x, g = torch.randn(M, D), torch.randn(M, D)
+    scale = torch.rand(M) if with_scale else None
+    counts = torch.bincount(torch.randint(0, max(E - 1, 1), (M,)), minlength=E)  # the last expert idle (E > 1)
+    assert ex._fused(x, ex.w_in, ex.w_out, counts, scale)
+    inputs = [x] + ([scale] if with_scale else [])
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        out = ex(leaves[0], counts, leaves[1] if with_scale else None)
+        return out, list(torch.autograd.grad(out, leaves + [ex.w_in, ex.w_out], g))
+
+    ours, ours_grads = run()
+    saved = kernels._module, kernels._tried
+    kernels._module, kernels._tried = None, True  # the PyTorch path: segment GEMMs + the SwiGLU node
+    try:
+        ref, ref_grads = run()
+    finally:
+        kernels._module, kernels._tried = saved
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if E > 1:
+        assert not ours_grads[-1][-1].any() and not ours_grads[-2][-1].any()  # the idle expert: zero gradients
+
+
+def test_fused_swiglu_experts_with_frozen_weights_or_input(fused_kernels):
+    from moekit.layers.experts import Experts
+
+    torch.manual_seed(0)
+    ex = Experts(4, 16, 8)
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, 16, requires_grad=True)
+    ex.requires_grad_(False)
+    ex(x, counts).sum().backward()  # only the input's gradient asked for (expanded grad: sum's backward)
+    assert x.grad is not None and ex.w_in.grad is None
+    ex.requires_grad_(True)
+    x2 = torch.randn(10, 16)
+    ex(x2, counts).square().sum().backward()  # only the weights'
+    assert ex.w_in.grad is not None and ex.w_out.grad is not None
+
+
+def test_fused_swiglu_experts_reject_bad_counts(fused_kernels):
+    x, w_in, w_out = torch.randn(5, 8), torch.randn(3, 8, 6), torch.randn(3, 3, 8)
+    with pytest.raises(RuntimeError, match="counts sum to 4, x has 5 rows"):
+        fused_kernels.experts_swiglu_forward(x, torch.tensor([1, 1, 2]), w_in, w_out, None)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        fused_kernels.experts_swiglu_forward(x, torch.tensor([1, 2, 2]), w_in, torch.randn(3, 4, 8), None)

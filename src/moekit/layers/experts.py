@@ -98,6 +98,31 @@ class _ScaledSwiGLU(torch.autograd.Function):
         return grad_h_MX, grad_scale_M
 
 
+class _FusedSwiGLUExperts(torch.autograd.Function):
+    """Plain SwiGLU experts (no biases) over expert-sorted rows in one C++ call each way (layers/kernels,
+    float32 CPU): per expert, x_e @ w_in[e] -> silu(gate) * up * scale -> @ w_out[e], and in backward the five
+    products and the SwiGLU backward of that expert back to back, so its intermediates stay in cache. Saves
+    x and h [M, 2F]; the activation is recomputed per expert in backward instead of being kept."""
+
+    @staticmethod
+    def forward(ctx, x_MD: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tensor,  # type: ignore[override]
+                scale_M: Tensor | None) -> Tensor:
+        y_MD, h_MX = kernels.cpu_kernels().experts_swiglu_forward(x_MD, counts_E, w_in, w_out, scale_M)
+        ctx.save_for_backward(x_MD, h_MX, counts_E, w_in, w_out, scale_M)
+        return y_MD
+
+    @staticmethod
+    def backward(ctx, grad_MD: Tensor):  # type: ignore[override]
+        x_MD, h_MX, counts_E, w_in, w_out, scale_M = ctx.saved_tensors
+        need_x, need_w_in, need_w_out, _, need_scale = ctx.needs_input_grad
+        grad_x, grad_w_in, grad_w_out, grad_scale = kernels.cpu_kernels().experts_swiglu_backward(
+            grad_MD.contiguous(), x_MD, h_MX, counts_E, w_in, w_out, scale_M, need_x, need_w_in or need_w_out,
+            need_scale,
+        )
+        return (grad_x, grad_w_in if need_w_in else None, grad_w_out if need_w_out else None, None,
+                grad_scale if need_scale else None)
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
 
@@ -254,15 +279,18 @@ class Experts(nn.Module):
         Returns:
             [M, D] expert outputs (times scale_M), row-aligned with x.
         """
-        offsets_E = counts_E.cumsum(0).to(torch.int32)
         w_in, w_out = self.w_in, self.w_out
         if x_MD.dtype != w_in.dtype:  # autocast does not cover grouped_mm: run in the activation dtype
             w_in, w_out = w_in.to(x_MD.dtype), w_out.to(x_MD.dtype)
+        if scale_M is not None:
+            scale_M = scale_M.to(x_MD.dtype)
+        if self._fused(x_MD, w_in, w_out, counts_E, scale_M):
+            scale_M = None if scale_M is None else scale_M.contiguous()
+            return _FusedSwiGLUExperts.apply(x_MD.contiguous(), w_in, w_out, counts_E, scale_M)
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
         h_MX = grouped_mm(x_MD, w_in, counts_E, offsets_E, self.impl)
         if self.b_in is not None:
             h_MX = h_MX + self._segment_bias(self.b_in, counts_E, x_MD)
-        if scale_M is not None:
-            scale_M = scale_M.to(h_MX.dtype)
         if self.activation == "swiglu":
             h_MF = _ScaledSwiGLU.apply(h_MX, scale_M)
         else:
@@ -274,6 +302,21 @@ class Experts(nn.Module):
             b_out_MD = self._segment_bias(self.b_out, counts_E, x_MD)
             y_MD = y_MD + (b_out_MD if scale_M is None else b_out_MD * scale_M.unsqueeze(1))
         return y_MD
+
+    def _fused(self, x_MD: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tensor, scale_M: Tensor | None) -> bool:
+        """Whether the one-call C++ experts (`_FusedSwiGLUExperts`) take this call: plain SwiGLU without biases,
+        float32 CPU, the default or loop implementation, kernels built."""
+        return (
+            self.activation == "swiglu"
+            and self.b_in is None
+            and self.b_out is None
+            and self.impl in ("auto", "loop")
+            and w_in.is_contiguous()
+            and w_out.is_contiguous()
+            and counts_E.device.type == "cpu"
+            and x_MD.shape[0] > 0  # no rows: the grouped_mm path keeps the empty result connected to the graph
+            and kernels.usable(x_MD, w_in, w_out, scale_M)
+        )
 
     def _segment_bias(self, b_EX: Tensor, counts_E: Tensor, like: Tensor) -> Tensor:
         return b_EX.to(like.dtype).repeat_interleave(counts_E, dim=0, output_size=like.shape[0])

@@ -63,15 +63,9 @@ const float* scale_data(const c10::optional<torch::Tensor>& scale, int64_t M) {
 // Row loops below step by whole vectors; loadu(p, n) / store(p, n) take the last partial one (at::vec's counted
 // load fills the lanes past n with zeros, so they add nothing to a sum).
 
-// out[m, f] = silu(h[m, f]) * h[m, F + f] (* scale[m]): the rounding of F.silu(gate).mul_(up).mul_(scale).
-torch::Tensor swiglu_forward(const torch::Tensor& h, const c10::optional<torch::Tensor>& scale) {
-  check_float_contiguous(h, "h");
-  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "moekit swiglu: h must be [M, 2F], got ", h.sizes());
-  const int64_t M = h.size(0), F = h.size(1) / 2;
-  const float* ps = scale_data(scale, M);
-  auto out = torch::empty({M, F}, h.options());
-  const float* ph = h.data_ptr<float>();
-  float* po = out.data_ptr<float>();
+// out[m, f] = silu(h[m, f]) * h[m, F + f] (* scale[m]) for rows m < M: the rounding of
+// F.silu(gate).mul_(up).mul_(scale). ps may be nullptr (no scale).
+void swiglu_rows(const float* ph, const float* ps, float* po, int64_t M, int64_t F) {
   const Vec one(1.f);
   at::parallel_for(0, M, grain_rows(2 * F), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
@@ -88,30 +82,13 @@ torch::Tensor swiglu_forward(const torch::Tensor& h, const c10::optional<torch::
       }
     }
   });
-  return out;
 }
 
-// The backward of swiglu_forward: grad_h [M, 2F] (gate half, up half) and, if asked, grad_scale [M].
+// The backward of swiglu_rows: grad_h [M, 2F] (gate half, up half) and, if pgs is given, grad_scale [M].
 //   sig = sigmoid(g), act = g * sig, dsilu = (g - act + 1) * sig
 //   grad_up = grad * act * s; grad_gate = grad * s * u * dsilu; grad_scale = sum_f grad * act * u
-std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torch::Tensor& h,
-                                           const c10::optional<torch::Tensor>& scale, bool need_grad_scale) {
-  check_float_contiguous(grad, "grad");
-  check_float_contiguous(h, "h");
-  const int64_t M = h.size(0), F = h.size(1) / 2;
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == F, "moekit swiglu: grad must be [", M, ", ",
-              F, "], got ", grad.sizes());
-  const float* ps = scale_data(scale, M);
-  auto grad_h = torch::empty_like(h);
-  torch::Tensor grad_scale;
-  float* pgs = nullptr;
-  if (need_grad_scale && ps) {
-    grad_scale = torch::empty({M}, h.options());
-    pgs = grad_scale.data_ptr<float>();
-  }
-  const float* ph = h.data_ptr<float>();
-  const float* pg = grad.data_ptr<float>();
-  float* pgh = grad_h.data_ptr<float>();
+void swiglu_backward_rows(const float* pg, const float* ph, const float* ps, float* pgh, float* pgs, int64_t M,
+                          int64_t F) {
   const Vec one(1.f);
   at::parallel_for(0, M, grain_rows(3 * F), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
@@ -138,7 +115,157 @@ std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torc
       if (pgs) pgs[m] = static_cast<float>(lane_sum(acc));
     }
   });
+}
+
+torch::Tensor swiglu_forward(const torch::Tensor& h, const c10::optional<torch::Tensor>& scale) {
+  check_float_contiguous(h, "h");
+  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "moekit swiglu: h must be [M, 2F], got ", h.sizes());
+  const int64_t M = h.size(0), F = h.size(1) / 2;
+  const float* ps = scale_data(scale, M);
+  auto out = torch::empty({M, F}, h.options());
+  swiglu_rows(h.data_ptr<float>(), ps, out.data_ptr<float>(), M, F);
+  return out;
+}
+
+std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torch::Tensor& h,
+                                           const c10::optional<torch::Tensor>& scale, bool need_grad_scale) {
+  check_float_contiguous(grad, "grad");
+  check_float_contiguous(h, "h");
+  const int64_t M = h.size(0), F = h.size(1) / 2;
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == F, "moekit swiglu: grad must be [", M, ", ",
+              F, "], got ", grad.sizes());
+  const float* ps = scale_data(scale, M);
+  auto grad_h = torch::empty_like(h);
+  torch::Tensor grad_scale;
+  float* pgs = nullptr;
+  if (need_grad_scale && ps) {
+    grad_scale = torch::empty({M}, h.options());
+    pgs = grad_scale.data_ptr<float>();
+  }
+  swiglu_backward_rows(grad.data_ptr<float>(), h.data_ptr<float>(), ps, grad_h.data_ptr<float>(), pgs, M, F);
   return {grad_h, grad_scale};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SwiGLU experts over expert-sorted rows, one expert at a time: x_e @ w_in[e] -> swiglu (* scale) -> @ w_out[e],
+// and in backward the five products and the SwiGLU backward of expert e back to back, so each expert's
+// intermediates ([n, 2F] and [n, F], n ~ a few hundred rows) stay in cache between the GEMMs that make and use them
+// instead of round-tripping [M, 2F] tensors through memory, and the loop over experts costs no Python. The
+// activation [M, F] is not saved: the backward recomputes it per expert from h (one cheap pass).
+//   x [M, D] rows of expert e at offsets sum(counts[:e]), counts [E] int64 summing to M, w_in [E, D, 2F] (gate then
+//   up), w_out [E, F, D], scale [M] or none. Forward returns (y [M, D], h [M, 2F] for the backward).
+
+namespace {
+
+std::vector<int64_t> segment_counts(const torch::Tensor& counts, int64_t E, int64_t M) {
+  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.dim() == 1 &&
+                  counts.numel() == E, "moekit experts: counts must be a CPU int64 tensor of ", E, " values");
+  auto c = counts.contiguous();
+  std::vector<int64_t> out(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + E);
+  int64_t total = 0;
+  for (int64_t n : out) {
+    TORCH_CHECK(n >= 0, "moekit experts: negative row count ", n);
+    total += n;
+  }
+  TORCH_CHECK(total == M, "moekit experts: counts sum to ", total, ", x has ", M, " rows");
+  return out;
+}
+
+void check_expert_weights(const torch::Tensor& x, const torch::Tensor& w_in, const torch::Tensor& w_out) {
+  check_float_contiguous(x, "x");
+  check_float_contiguous(w_in, "w_in");
+  check_float_contiguous(w_out, "w_out");
+  TORCH_CHECK(x.dim() == 2 && w_in.dim() == 3 && w_out.dim() == 3 && w_in.size(1) == x.size(1) &&
+                  w_in.size(2) == 2 * w_out.size(1) && w_out.size(0) == w_in.size(0) && w_out.size(2) == x.size(1),
+              "moekit experts: w_in ", w_in.sizes(), " and w_out ", w_out.sizes(), " do not fit x ", x.sizes(),
+              " (expected [E, D, 2F] and [E, F, D])");
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> experts_swiglu_forward(const torch::Tensor& x, const torch::Tensor& counts,
+                                                  const torch::Tensor& w_in, const torch::Tensor& w_out,
+                                                  const c10::optional<torch::Tensor>& scale) {
+  check_expert_weights(x, w_in, w_out);
+  const int64_t M = x.size(0), E = w_in.size(0), F = w_out.size(1);
+  const std::vector<int64_t> n_e = segment_counts(counts, E, M);
+  const float* ps = scale_data(scale, M);
+  auto h = torch::empty({M, 2 * F}, x.options());
+  auto y = torch::empty_like(x);
+  const int64_t max_n = M ? *std::max_element(n_e.begin(), n_e.end()) : 0;
+  auto a = torch::empty({max_n, F}, x.options());
+  for (int64_t e = 0, off = 0; e < E; off += n_e[e], ++e) {
+    const int64_t n = n_e[e];
+    if (!n) continue;
+    auto h_e = h.narrow(0, off, n);
+    auto a_e = a.narrow(0, 0, n);
+    at::mm_out(h_e, x.narrow(0, off, n), w_in[e]);
+    swiglu_rows(h_e.data_ptr<float>(), ps ? ps + off : nullptr, a_e.data_ptr<float>(), n, F);
+    auto y_e = y.narrow(0, off, n);
+    at::mm_out(y_e, a_e, w_out[e]);
+  }
+  return {y, h};
+}
+
+// Returns (grad_x, grad_w_in, grad_w_out, grad_scale); each undefined where not asked for (grad_scale also when
+// there is no scale). An expert with no rows gets zero weight gradients.
+std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, const torch::Tensor& x,
+                                                   const torch::Tensor& h, const torch::Tensor& counts,
+                                                   const torch::Tensor& w_in, const torch::Tensor& w_out,
+                                                   const c10::optional<torch::Tensor>& scale, bool need_grad_x,
+                                                   bool need_grad_w, bool need_grad_scale) {
+  check_expert_weights(x, w_in, w_out);
+  check_float_contiguous(grad_y, "grad_y");
+  check_float_contiguous(h, "h");
+  const int64_t M = x.size(0), E = w_in.size(0), F = w_out.size(1);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && h.size(0) == M && h.size(1) == 2 * F,
+              "moekit experts: grad_y ", grad_y.sizes(), " / h ", h.sizes(), " do not fit x ", x.sizes());
+  const std::vector<int64_t> n_e = segment_counts(counts, E, M);
+  const float* ps = scale_data(scale, M);
+  torch::Tensor grad_x, grad_w_in, grad_w_out, grad_scale;
+  if (need_grad_x) grad_x = torch::empty_like(x);
+  if (need_grad_w) {
+    grad_w_in = torch::empty_like(w_in);
+    grad_w_out = torch::empty_like(w_out);
+  }
+  if (need_grad_scale && ps) grad_scale = torch::empty({M}, x.options());
+  const int64_t max_n = M ? *std::max_element(n_e.begin(), n_e.end()) : 0;
+  auto a = torch::empty({max_n, F}, x.options());
+  auto grad_a = torch::empty({max_n, F}, x.options());
+  auto grad_h = torch::empty({max_n, 2 * F}, x.options());
+  for (int64_t e = 0, off = 0; e < E; off += n_e[e], ++e) {
+    const int64_t n = n_e[e];
+    if (!n) {
+      if (need_grad_w) {
+        grad_w_in[e].zero_();
+        grad_w_out[e].zero_();
+      }
+      continue;
+    }
+    auto h_e = h.narrow(0, off, n);
+    auto gy_e = grad_y.narrow(0, off, n);
+    auto ga_e = grad_a.narrow(0, 0, n);
+    auto gh_e = grad_h.narrow(0, 0, n);
+    const float* ps_e = ps ? ps + off : nullptr;
+    at::mm_out(ga_e, gy_e, w_out[e].t());
+    if (need_grad_w) {
+      auto a_e = a.narrow(0, 0, n);
+      swiglu_rows(h_e.data_ptr<float>(), ps_e, a_e.data_ptr<float>(), n, F);
+      auto gwo = grad_w_out[e];
+      at::mm_out(gwo, a_e.t(), gy_e);
+    }
+    swiglu_backward_rows(ga_e.data_ptr<float>(), h_e.data_ptr<float>(), ps_e, gh_e.data_ptr<float>(),
+                         grad_scale.defined() ? grad_scale.data_ptr<float>() + off : nullptr, n, F);
+    if (need_grad_x) {
+      auto gx_e = grad_x.narrow(0, off, n);
+      at::mm_out(gx_e, gh_e, w_in[e].t());
+    }
+    if (need_grad_w) {
+      auto gwi = grad_w_in[e];
+      at::mm_out(gwi, x.narrow(0, off, n).t(), gh_e);
+    }
+  }
+  return {grad_x, grad_w_in, grad_w_out, grad_scale};
 }
 
 // RMSNorm forward: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row (see `dot` for the sum).
@@ -506,6 +633,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward, "RMSNorm backward, returns (grad_x, grad_w)");
   m.def("rope", &rope, "rotary position embedding into out");
   m.def("cross_entropy_forward", &cross_entropy_forward, "(loss sum, count, lse) of a cross-entropy");
+  m.def("experts_swiglu_forward", &experts_swiglu_forward, "SwiGLU experts over sorted rows, (y, h)");
+  m.def("experts_swiglu_backward", &experts_swiglu_backward, "backward of experts_swiglu_forward");
   m.def("moe_decode", &moe_decode, "SwiGLU MoE experts for a few token-slots, (y, tokens per expert)");
   m.def("cross_entropy_backward", &cross_entropy_backward, "gradient of the cross-entropy times scale");
 }
