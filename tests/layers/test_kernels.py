@@ -331,6 +331,37 @@ def test_fused_swiglu_experts_with_frozen_weights_or_input(fused_kernels):
 def test_fused_swiglu_experts_reject_bad_counts(fused_kernels):
     x, w_in, w_out = torch.randn(5, 8), torch.randn(3, 8, 6), torch.randn(3, 3, 8)
     with pytest.raises(RuntimeError, match="counts sum to 4, x has 5 rows"):
-        fused_kernels.experts_swiglu_forward(x, torch.tensor([1, 1, 2]), w_in, w_out, None)
+        fused_kernels.experts_swiglu_forward(x, None, torch.tensor([1, 1, 2]), w_in, w_out, None)
     with pytest.raises(RuntimeError, match="do not fit"):
-        fused_kernels.experts_swiglu_forward(x, torch.tensor([1, 2, 2]), w_in, torch.randn(3, 4, 8), None)
+        fused_kernels.experts_swiglu_forward(x, None, torch.tensor([1, 2, 2]), w_in, torch.randn(3, 4, 8), None)
+    with pytest.raises(RuntimeError, match="row index 5 out of range for 5 rows"):
+        fused_kernels.experts_swiglu_forward(x, torch.tensor([0, 5, 1]), torch.tensor([1, 1, 1]), w_in, w_out, None)
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice", "noisy_topk"])
+def test_moe_gather_experts_combine_node_equals_the_three_steps(fused_kernels, router):
+    from moekit import MoE, MoEConfig
+    from moekit.layers import dispatch
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=32, d_ff=24, num_experts=8, top_k=2, router=router, capacity_factor=None
+                        if router != "expert_choice" else 1.0))
+    x, g = torch.randn(3, 7, 32), torch.randn(3, 7, 32)
+    torch.manual_seed(1)
+    out, grads = _grads(lambda x: moe(x), [x], g)
+    w_grads = torch.autograd.grad(moe(x.requires_grad_(True)), [moe.experts.w_in, moe.experts.w_out], g)
+    calls = []
+    real = moe.experts.forward_tokens
+    moe.experts.forward_tokens = lambda x_TD, plan: calls.append(1) or dispatch.combine(
+        moe.experts(dispatch.gather(x_TD, plan), plan.counts, plan.weights), plan)  # the three separate steps
+    try:
+        torch.manual_seed(1)
+        ref, ref_grads = _grads(lambda x: moe(x), [x], g)
+        ref_w = torch.autograd.grad(moe(x), [moe.experts.w_in, moe.experts.w_out], g)
+    finally:
+        moe.experts.forward_tokens = real
+    assert calls
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[0], ref_grads[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(w_grads, ref_w):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -255,7 +255,7 @@ def _plan_expert_choice(router_output: RouterOutput, num_experts: int) -> Dispat
     )
 
 
-def _scatter_sum(y_MD: Tensor, p: DispatchPlan) -> Tensor:
+def scatter_sum(y_MD: Tensor, p: DispatchPlan) -> Tensor:
     """Sum rows into their tokens: [M, D] -> [T, D], each token's rows added in a fixed order (no atomics).
 
     embedding_bag(mode="sum") is exactly "gather these rows and add them up per bag": one pass, vectorised, and on
@@ -277,14 +277,14 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_MD: Tensor):  # type: ignore[override]
-        return _scatter_sum(grad_MD.contiguous(), ctx.plan), None
+        return scatter_sum(grad_MD.contiguous(), ctx.plan), None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_MD: Tensor, p: DispatchPlan) -> Tensor:  # type: ignore[override]
         ctx.plan = p
-        return _scatter_sum(y_MD, p)
+        return scatter_sum(y_MD, p)
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor):  # type: ignore[override]

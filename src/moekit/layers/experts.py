@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ACTIVATIONS, EXPERT_IMPLS, GATED_ACTIVATIONS
-from moekit.layers import kernels
+from moekit.layers import dispatch, kernels
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
@@ -101,26 +101,36 @@ class _ScaledSwiGLU(torch.autograd.Function):
 class _FusedSwiGLUExperts(torch.autograd.Function):
     """Plain SwiGLU experts (no biases) over expert-sorted rows in one C++ call each way (layers/kernels,
     float32 CPU): per expert, x_e @ w_in[e] -> silu(gate) * up * scale -> @ w_out[e], and in backward the five
-    products and the SwiGLU backward of that expert back to back, so its intermediates stay in cache. Saves
-    x and h [M, 2F]; the activation is recomputed per expert in backward instead of being kept."""
+    products and the SwiGLU backward of that expert back to back, so its intermediates stay in cache. Saves x and
+    h [M, 2F]; the activation is recomputed per expert in backward instead of being kept.
+
+    With a dispatch plan, x is the [T, D] token tensor and the node is gather + experts + combine: each expert's
+    rows are gathered into a cached scratch right before its GEMM (forward, and the output gradient's rows in
+    backward), so neither the [M, D] gathered input nor the [M, D] gathered gradient is ever materialised.
+    """
 
     @staticmethod
-    def forward(ctx, x_MD: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tensor,  # type: ignore[override]
-                scale_M: Tensor | None) -> Tensor:
-        y_MD, h_MX = kernels.cpu_kernels().experts_swiglu_forward(x_MD, counts_E, w_in, w_out, scale_M)
-        ctx.save_for_backward(x_MD, h_MX, counts_E, w_in, w_out, scale_M)
-        return y_MD
+    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tensor,  # type: ignore[override]
+                scale_M: Tensor | None, plan: dispatch.DispatchPlan | None) -> Tensor:
+        rows_M = None if plan is None else plan.token_index
+        y_MD, h_MX = kernels.cpu_kernels().experts_swiglu_forward(x, rows_M, counts_E, w_in, w_out, scale_M)
+        ctx.plan = plan
+        ctx.save_for_backward(x, h_MX, counts_E, w_in, w_out, scale_M)
+        return y_MD if plan is None else dispatch.scatter_sum(y_MD, plan)
 
     @staticmethod
-    def backward(ctx, grad_MD: Tensor):  # type: ignore[override]
-        x_MD, h_MX, counts_E, w_in, w_out, scale_M = ctx.saved_tensors
-        need_x, need_w_in, need_w_out, _, need_scale = ctx.needs_input_grad
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, h_MX, counts_E, w_in, w_out, scale_M = ctx.saved_tensors
+        plan = ctx.plan
+        need_x, need_w_in, need_w_out, _, need_scale, _ = ctx.needs_input_grad
         grad_x, grad_w_in, grad_w_out, grad_scale = kernels.cpu_kernels().experts_swiglu_backward(
-            grad_MD.contiguous(), x_MD, h_MX, counts_E, w_in, w_out, scale_M, need_x, need_w_in or need_w_out,
-            need_scale,
+            grad.contiguous(), x, None if plan is None else plan.token_index, h_MX, counts_E, w_in, w_out, scale_M,
+            need_x, need_w_in or need_w_out, need_scale,
         )
+        if plan is not None and grad_x is not None:
+            grad_x = dispatch.scatter_sum(grad_x, plan)  # each token's slot rows summed in a fixed order
         return (grad_x, grad_w_in if need_w_in else None, grad_w_out if need_w_out else None, None,
-                grad_scale if need_scale else None)
+                grad_scale if need_scale else None, None)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -286,7 +296,7 @@ class Experts(nn.Module):
             scale_M = scale_M.to(x_MD.dtype)
         if self._fused(x_MD, w_in, w_out, counts_E, scale_M):
             scale_M = None if scale_M is None else scale_M.contiguous()
-            return _FusedSwiGLUExperts.apply(x_MD.contiguous(), w_in, w_out, counts_E, scale_M)
+            return _FusedSwiGLUExperts.apply(x_MD.contiguous(), w_in, w_out, counts_E, scale_M, None)
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         h_MX = grouped_mm(x_MD, w_in, counts_E, offsets_E, self.impl)
         if self.b_in is not None:
@@ -302,6 +312,17 @@ class Experts(nn.Module):
             b_out_MD = self._segment_bias(self.b_out, counts_E, x_MD)
             y_MD = y_MD + (b_out_MD if scale_M is None else b_out_MD * scale_M.unsqueeze(1))
         return y_MD
+
+    def forward_tokens(self, x_TD: Tensor, plan: dispatch.DispatchPlan) -> Tensor:
+        """gather -> experts (times the plan's combine weights) -> combine: [T, D] -> [T, D]. One autograd node
+        that never materialises the gathered rows where the fused C++ experts run, else the three steps."""
+        w_in, w_out = self.w_in, self.w_out
+        if x_TD.dtype != w_in.dtype:
+            w_in, w_out = w_in.to(x_TD.dtype), w_out.to(x_TD.dtype)
+        scale_M = plan.weights.to(x_TD.dtype)
+        if plan.token_index.numel() and self._fused(x_TD, w_in, w_out, plan.counts, scale_M):
+            return _FusedSwiGLUExperts.apply(x_TD.contiguous(), w_in, w_out, plan.counts, scale_M.contiguous(), plan)
+        return dispatch.combine(self(dispatch.gather(x_TD, plan), plan.counts, plan.weights), plan)
 
     def _fused(self, x_MD: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tensor, scale_M: Tensor | None) -> bool:
         """Whether the one-call C++ experts (`_FusedSwiGLUExperts`) take this call: plain SwiGLU without biases,

@@ -120,14 +120,15 @@ class MoE(nn.Module):
             y_TD, plan = self._forward_few_slots(x_TD, route)
         else:
             plan = dispatch.plan(route, cfg.num_experts, capacity, cfg.overflow, cfg.capacity_priority)
-            x_MD = dispatch.gather(x_TD, plan)
             if self.expert_parallel is not None:
-                y_MD = self.expert_parallel.run_experts(x_MD, plan.counts, plan.weights)
+                y_MD = self.expert_parallel.run_experts(dispatch.gather(x_TD, plan), plan.counts, plan.weights)
+                y_TD = dispatch.combine(y_MD, plan)
             elif cfg.checkpoint_experts and torch.is_grad_enabled():
-                y_MD = checkpoint(self.experts, x_MD, plan.counts, plan.weights, use_reentrant=False)
-            else:
-                y_MD = self.experts(x_MD, plan.counts, plan.weights)  # combine weights applied inside: y = w * E(x)
-            y_TD = dispatch.combine(y_MD, plan)
+                y_MD = checkpoint(self.experts, dispatch.gather(x_TD, plan), plan.counts, plan.weights,
+                                  use_reentrant=False)
+                y_TD = dispatch.combine(y_MD, plan)
+            else:  # gather, experts (combine weights applied inside: y = w * E(x)), combine
+                y_TD = self.experts.forward_tokens(x_TD, plan)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)

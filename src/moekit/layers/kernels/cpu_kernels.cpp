@@ -154,6 +154,9 @@ std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torc
 // activation [M, F] is not saved: the backward recomputes it per expert from h (one cheap pass).
 //   x [M, D] rows of expert e at offsets sum(counts[:e]), counts [E] int64 summing to M, w_in [E, D, 2F] (gate then
 //   up), w_out [E, F, D], scale [M] or none. Forward returns (y [M, D], h [M, 2F] for the backward).
+//   With rows [M] (the plan's token index), x is the [T, D] token tensor and expert e's rows are gathered from it
+//   into a cached scratch just before its GEMM (no [M, D] copy of the input is ever made); in backward grad_y is
+//   then [T, D] too (the gradient of the combined output) and is gathered the same way. grad_x is per slot [M, D].
 
 namespace {
 
@@ -171,6 +174,34 @@ std::vector<int64_t> segment_counts(const torch::Tensor& counts, int64_t E, int6
   return out;
 }
 
+// Row indices [M] into a [T, D] tensor (nullptr when absent), checked once.
+const int64_t* row_index(const c10::optional<torch::Tensor>& rows, int64_t T) {
+  if (!rows.has_value()) return nullptr;
+  TORCH_CHECK(rows->device().is_cpu() && rows->scalar_type() == at::kLong && rows->is_contiguous() &&
+                  rows->dim() == 1, "moekit experts: rows must be a contiguous 1-d CPU int64 tensor");
+  const int64_t* r = rows->data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows->numel(); ++i)
+    TORCH_CHECK(r[i] >= 0 && r[i] < T, "moekit experts: row index ", r[i], " out of range for ", T, " rows");
+  return r;
+}
+
+// Rows [off, off + n) of the expert-sorted [M, D] view of src: src's own rows, or src[rows[off + j]] gathered into
+// buf (a [>= n, D] scratch that stays in cache) when src is the [T, D] token tensor.
+torch::Tensor segment_rows(const torch::Tensor& src, const int64_t* rows, int64_t off, int64_t n,
+                           const torch::Tensor& buf) {
+  if (!rows) return src.narrow(0, off, n);
+  const int64_t D = src.size(1);
+  const float* ps = src.data_ptr<float>();
+  float* pb = buf.data_ptr<float>();
+  at::parallel_for(0, n, grain_rows(D), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const float* src_row = ps + rows[off + j] * D;
+      std::copy(src_row, src_row + D, pb + j * D);
+    }
+  });
+  return buf.narrow(0, 0, n);
+}
+
 void check_expert_weights(const torch::Tensor& x, const torch::Tensor& w_in, const torch::Tensor& w_out) {
   check_float_contiguous(x, "x");
   check_float_contiguous(w_in, "w_in");
@@ -183,23 +214,26 @@ void check_expert_weights(const torch::Tensor& x, const torch::Tensor& w_in, con
 
 }  // namespace
 
-std::vector<torch::Tensor> experts_swiglu_forward(const torch::Tensor& x, const torch::Tensor& counts,
-                                                  const torch::Tensor& w_in, const torch::Tensor& w_out,
+std::vector<torch::Tensor> experts_swiglu_forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& rows,
+                                                  const torch::Tensor& counts, const torch::Tensor& w_in,
+                                                  const torch::Tensor& w_out,
                                                   const c10::optional<torch::Tensor>& scale) {
   check_expert_weights(x, w_in, w_out);
-  const int64_t M = x.size(0), E = w_in.size(0), F = w_out.size(1);
+  const int64_t M = rows.has_value() ? rows->numel() : x.size(0), D = x.size(1), E = w_in.size(0), F = w_out.size(1);
+  const int64_t* r = row_index(rows, x.size(0));
   const std::vector<int64_t> n_e = segment_counts(counts, E, M);
   const float* ps = scale_data(scale, M);
   auto h = torch::empty({M, 2 * F}, x.options());
-  auto y = torch::empty_like(x);
+  auto y = torch::empty({M, D}, x.options());
   const int64_t max_n = M ? *std::max_element(n_e.begin(), n_e.end()) : 0;
   auto a = torch::empty({max_n, F}, x.options());
+  auto x_buf = torch::empty({r ? max_n : 0, D}, x.options());
   for (int64_t e = 0, off = 0; e < E; off += n_e[e], ++e) {
     const int64_t n = n_e[e];
     if (!n) continue;
     auto h_e = h.narrow(0, off, n);
     auto a_e = a.narrow(0, 0, n);
-    at::mm_out(h_e, x.narrow(0, off, n), w_in[e]);
+    at::mm_out(h_e, segment_rows(x, r, off, n, x_buf), w_in[e]);
     swiglu_rows(h_e.data_ptr<float>(), ps ? ps + off : nullptr, a_e.data_ptr<float>(), n, F);
     auto y_e = y.narrow(0, off, n);
     at::mm_out(y_e, a_e, w_out[e]);
@@ -210,20 +244,22 @@ std::vector<torch::Tensor> experts_swiglu_forward(const torch::Tensor& x, const 
 // Returns (grad_x, grad_w_in, grad_w_out, grad_scale); each undefined where not asked for (grad_scale also when
 // there is no scale). An expert with no rows gets zero weight gradients.
 std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, const torch::Tensor& x,
-                                                   const torch::Tensor& h, const torch::Tensor& counts,
-                                                   const torch::Tensor& w_in, const torch::Tensor& w_out,
+                                                   const c10::optional<torch::Tensor>& rows, const torch::Tensor& h,
+                                                   const torch::Tensor& counts, const torch::Tensor& w_in,
+                                                   const torch::Tensor& w_out,
                                                    const c10::optional<torch::Tensor>& scale, bool need_grad_x,
                                                    bool need_grad_w, bool need_grad_scale) {
   check_expert_weights(x, w_in, w_out);
   check_float_contiguous(grad_y, "grad_y");
   check_float_contiguous(h, "h");
-  const int64_t M = x.size(0), E = w_in.size(0), F = w_out.size(1);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && h.size(0) == M && h.size(1) == 2 * F,
+  const int64_t M = h.size(0), D = x.size(1), E = w_in.size(0), F = w_out.size(1);
+  const int64_t* r = row_index(rows, x.size(0));
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && h.size(1) == 2 * F && (r ? rows->numel() : x.size(0)) == M,
               "moekit experts: grad_y ", grad_y.sizes(), " / h ", h.sizes(), " do not fit x ", x.sizes());
   const std::vector<int64_t> n_e = segment_counts(counts, E, M);
   const float* ps = scale_data(scale, M);
   torch::Tensor grad_x, grad_w_in, grad_w_out, grad_scale;
-  if (need_grad_x) grad_x = torch::empty_like(x);
+  if (need_grad_x) grad_x = torch::empty({M, D}, x.options());
   if (need_grad_w) {
     grad_w_in = torch::empty_like(w_in);
     grad_w_out = torch::empty_like(w_out);
@@ -233,6 +269,8 @@ std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, 
   auto a = torch::empty({max_n, F}, x.options());
   auto grad_a = torch::empty({max_n, F}, x.options());
   auto grad_h = torch::empty({max_n, 2 * F}, x.options());
+  auto x_buf = torch::empty({r ? max_n : 0, D}, x.options());
+  auto gy_buf = torch::empty({r ? max_n : 0, D}, x.options());
   for (int64_t e = 0, off = 0; e < E; off += n_e[e], ++e) {
     const int64_t n = n_e[e];
     if (!n) {
@@ -243,7 +281,7 @@ std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, 
       continue;
     }
     auto h_e = h.narrow(0, off, n);
-    auto gy_e = grad_y.narrow(0, off, n);
+    auto gy_e = segment_rows(grad_y, r, off, n, gy_buf);
     auto ga_e = grad_a.narrow(0, 0, n);
     auto gh_e = grad_h.narrow(0, 0, n);
     const float* ps_e = ps ? ps + off : nullptr;
@@ -262,7 +300,7 @@ std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, 
     }
     if (need_grad_w) {
       auto gwi = grad_w_in[e];
-      at::mm_out(gwi, x.narrow(0, off, n).t(), gh_e);
+      at::mm_out(gwi, segment_rows(x, r, off, n, x_buf).t(), gh_e);
     }
   }
   return {grad_x, grad_w_in, grad_w_out, grad_scale};
