@@ -6,12 +6,19 @@ kernels here do each in one pass (forward) or one pass per output (backward):
 
 - `swiglu_forward / swiglu_backward`: silu(gate) * up (* a per-row scale: the combine weight), the gradient of both
   halves written into one buffer, and the scale's gradient;
-- `rms_norm_forward / rms_norm_backward`: y = x * rstd * w and its gradients.
+- `rms_norm_forward / rms_norm_backward`: y = x * rstd * w and its gradients;
+- `rope`, `cross_entropy_forward / cross_entropy_backward`: the language model's rotary embedding and loss;
+- `experts_swiglu_forward / experts_swiglu_backward`: plain SwiGLU experts over expert-sorted rows, one expert at a
+  time (GEMM -> SwiGLU -> GEMM, and the backward's five GEMMs and SwiGLU backward back to back, torch's own GEMMs),
+  optionally gathering each expert's rows from the token tensor on the fly: the intermediates stay in cache and
+  the [M, D] gathered input is never made;
+- `moe_decode`: a few token-slots without autograd (decoding): each touched expert's weights streamed once, in
+  float32 or bfloat16.
 
 They use `at::vec::Vectorized<float>` with the vector ISA torch itself dispatches to on this CPU (AVX2/AVX-512), so
-exp() is torch's own routine. Float32 contiguous CPU tensors only; callers (layers/experts.py, layers/attention.py)
-check `usable(...)` and otherwise run their PyTorch form, and tests/layers/test_kernels.py checks one against the
-other.
+exp() is torch's own routine. Float32 contiguous CPU tensors only (the decode kernel also bfloat16); callers
+(layers/experts.py, layers/moe.py, layers/attention.py, models/lm.py) check `usable(...)` and otherwise run their
+PyTorch form, and tests/layers/test_kernels.py checks one against the other.
 
 Building needs a C++ compiler and ninja (a dependency of moekit); it takes ~30-60 s once per machine, torch version
 and source version (cached under torch's extension directory, `TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions).
