@@ -169,6 +169,8 @@ class MoE(nn.Module):
             and x_TD.dtype in (torch.float32, torch.bfloat16)
             and ex.w_in.dtype == x_TD.dtype
             and ex.w_in.device.type == "cpu"
+            and ex.w_in.is_contiguous()  # (a copy of every expert's weights per call would cost more than it saves)
+            and ex.w_out.is_contiguous()
             and kernels.cpu_kernels() is not None
         )
 
@@ -181,7 +183,7 @@ class MoE(nn.Module):
         if self._decode_kernel(x_TD):  # one call: each touched expert's weights streamed once for all its tokens
             y_TD, counts_E = kernels.cpu_kernels().moe_decode(
                 x_TD.contiguous(), route.indices.contiguous(), route.weights.float().contiguous(),
-                experts.w_in.contiguous(), experts.w_out.contiguous(),
+                experts.w_in, experts.w_out,
             )
             plan = dispatch.DispatchPlan(empty, empty, route.weights.new_zeros(0), counts_E, counts_E, T, K, None,
                                          zero, zero)
