@@ -365,3 +365,23 @@ def test_moe_gather_experts_combine_node_equals_the_three_steps(fused_kernels, r
     torch.testing.assert_close(grads[0], ref_grads[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(w_grads, ref_w):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_library_that_does_not_load_is_rebuilt_once(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    name = "moekit_cpu_kernels_test"
+    (tmp_path / f"{name}.so").write_bytes(b"\x7fELF truncated")  # what a build killed while linking leaves
+    monkeypatch.setattr(kernels, "_extension", lambda: (name, tmp_path, b"// source", [], []))
+    calls = []
+
+    def fake_load(**kwargs):
+        calls.append(sorted(p.name for p in tmp_path.glob("*.so")))
+        if len(calls) == 1:
+            raise ImportError(f"{tmp_path}/{name}.so: file too short")
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    with pytest.warns(RuntimeWarning, match="did not load"):
+        assert kernels._build() == "module"
+    assert calls == [[f"{name}.so"], []]  # the bad library deleted before the second (building) load

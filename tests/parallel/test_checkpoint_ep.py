@@ -49,6 +49,14 @@ def _worker(rank: int, world: int, run_dir: str) -> None:
     state, opt_state = full_model_state(ep2), full_optimizer_state(opt2, ep2)
     # Gathered to rank 0 only (what training saves with): the same tensors there, the shards elsewhere.
     to_0, opt_to_0 = full_model_state(ep2, dst=0), full_optimizer_state(opt2, ep2, dst=0)
+    for bad in (world, -1, "0"):  # not a rank of this job: an error on every rank, before any collective
+        for call in (lambda: full_model_state(ep2, dst=bad), lambda: full_optimizer_state(opt2, ep2, dst=bad)):
+            try:
+                call()
+            except ValueError as e:
+                assert f"dst={bad!r} is not a global rank" in str(e) and f"[0, {world})" in str(e)
+            else:
+                raise AssertionError(f"dst={bad!r} was accepted")
     sharded = expert_parameters(ep2)
     for name, t in state.items():
         want = t if rank == 0 or name not in sharded else ep2.state_dict()[name]

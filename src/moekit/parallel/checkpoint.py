@@ -48,6 +48,15 @@ def _gather(shard: Tensor, group, dst: int | None = None) -> Tensor:
     return torch.cat(parts, dim=0) if parts is not None else shard
 
 
+def _check_dst(dst: int | None) -> None:
+    """dst must name a rank of the job: a typo would otherwise leave every rank with its shards and no full copy."""
+    if dst is None:
+        return
+    world = dist.get_world_size()
+    if isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world:
+        raise ValueError(f"dst={dst!r} is not a global rank of this job: expected None or an integer in [0, {world})")
+
+
 def full_model_state(model: nn.Module, dst: int | None = None) -> dict[str, Tensor]:
     """The single-process state dict of a sharded model (a collective: every rank must call it).
 
@@ -58,6 +67,7 @@ def full_model_state(model: nn.Module, dst: int | None = None) -> dict[str, Tens
     Returns:
         `model.state_dict()` with every expert tensor gathered to its full [E, ...] shape.
     """
+    _check_dst(dst)
     state = model.state_dict()
     for name, (_, group) in sorted(_expert_ranges(model).items()):
         state[name] = _gather(state[name], group, dst)
@@ -81,6 +91,7 @@ def _optimizer_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, dst: int | None = None) -> dict[str, Any]:
     """`optimizer.state_dict()` with the per-parameter tensors of expert parameters gathered to full shape
     (a collective; `dst` as in `full_model_state`). Scalars and 0-d tensors (AdamW's step) are left as they are."""
+    _check_dst(dst)
     state = optimizer.state_dict()
     ranges = _expert_ranges(model)
     for index, name in enumerate(_optimizer_names(optimizer, model)):

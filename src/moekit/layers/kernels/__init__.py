@@ -120,10 +120,26 @@ def _build() -> ModuleType:
         print("moekit: compiling its fused CPU kernels (once per machine, torch version and kernel source; ~30-60 s)"
               " ...", file=sys.stderr, flush=True)
     _ensure_ninja_on_path()
-    return cpp_extension.load(
-        name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(build_dir),
-        verbose=False,
-    )
+
+    def load() -> ModuleType:
+        return cpp_extension.load(
+            name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags,
+            build_directory=str(build_dir), verbose=False,
+        )
+
+    try:
+        return load()
+    except ImportError as e:
+        # A library that exists but does not load (a build killed while linking leaves a truncated file that ninja
+        # then believes up to date): delete it and build once more, instead of falling back on every later run.
+        libraries = list(build_dir.glob(f"{name}*.so"))
+        if not libraries:
+            raise
+        warnings.warn(f"rebuilding moekit's CPU kernels: {libraries[0]} did not load ({e})", RuntimeWarning,
+                      stacklevel=3)
+        for library in libraries:
+            library.unlink(missing_ok=True)
+        return load()
 
 
 def cpu_kernels() -> ModuleType | None:
