@@ -107,6 +107,9 @@ def test_cross_entropy_kernel_equals_torch(fused_kernels, rows, vocab):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(ours_grad[0], ref_grad[0], atol=1e-7, rtol=1e-5)
     assert not ours_grad[0][0].any()
+    ours1, ours1_grad = _grads(lambda x: cross_entropy(x, targets), [logits], torch.tensor(1.0))  # grad saved as is
+    ref1, ref1_grad = _grads(lambda x: F.cross_entropy(x, targets, ignore_index=-100), [logits], torch.tensor(1.0))
+    torch.testing.assert_close(ours1_grad[0], ref1_grad[0], atol=1e-7, rtol=1e-5)
 
 
 def test_cross_entropy_kernel_edge_cases(fused_kernels):

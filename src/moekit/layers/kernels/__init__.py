@@ -7,7 +7,8 @@ kernels here do each in one pass (forward) or one pass per output (backward):
 - `swiglu_forward / swiglu_backward`: silu(gate) * up (* a per-row scale: the combine weight), the gradient of both
   halves written into one buffer, and the scale's gradient;
 - `rms_norm_forward / rms_norm_backward`: y = x * rstd * w and its gradients;
-- `rope`, `cross_entropy_forward / cross_entropy_backward`: the language model's rotary embedding and loss;
+- `rope`, `cross_entropy_forward`: the language model's rotary embedding, and its loss with the loss's gradient
+  written in the same pass;
 - `experts_swiglu_forward / experts_swiglu_backward`: plain SwiGLU experts over expert-sorted rows, one expert at a
   time (GEMM -> SwiGLU -> GEMM, and the backward's five GEMMs and SwiGLU backward back to back, torch's own GEMMs),
   optionally gathering each expert's rows from the token tensor on the fly: the intermediates stay in cache and

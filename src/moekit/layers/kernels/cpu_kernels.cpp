@@ -429,8 +429,24 @@ void rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor&
 
 // Cross-entropy over rows of logits [N, V] with integer targets [N] (ignore_index rows count nothing):
 // returns (sum of the losses of the counted rows, their number, lse [N]); logsumexp per row in double.
+namespace {
+
+// g[v] = (exp(x[v] - lse) - [v == t]) * scale over a row of V logits.
+inline void softmax_minus_onehot(const float* x, float lse, int64_t t, float scale, float* g, int64_t V) {
+  const Vec lv(lse), sv(scale);
+  for (int64_t i = 0; i < V; i += Vec::size()) {
+    const int64_t k = std::min<int64_t>(Vec::size(), V - i);
+    ((Vec::loadu(x + i, k) - lv).exp() * sv).store(g + i, k);
+  }
+  g[t] -= scale;
+}
+
+}  // namespace
+
+// Also returns, when with_grad, the gradient of the mean loss with respect to the logits (the backward below with
+// scale 1 / count), written while each row is still in cache: one pass over the logits instead of two.
 std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, const torch::Tensor& targets,
-                                                 int64_t ignore_index) {
+                                                 int64_t ignore_index, bool with_grad) {
   check_float_contiguous(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "moekit cross_entropy: logits must be [N, V], got ", logits.sizes());
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == logits.size(0),
@@ -442,6 +458,16 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
   const float* pl = logits.data_ptr<float>();
   const int64_t* pt = targets.data_ptr<int64_t>();
   float* plse = lse.data_ptr<float>();
+  torch::Tensor grad;
+  float* pg = nullptr;
+  float sc = 0.f;
+  if (with_grad) {
+    grad = torch::empty_like(logits);
+    pg = grad.data_ptr<float>();
+    int64_t n = 0;
+    for (int64_t r = 0; r < N; ++r) n += pt[r] != ignore_index;
+    sc = n ? static_cast<float>(1.0 / static_cast<double>(n)) : 0.f;
+  }
   bool bad = false;
   int64_t bad_value = 0;
   at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
@@ -466,7 +492,10 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
       const double l = static_cast<double>(mx) + std::log(sum);
       plse[r] = static_cast<float>(l);
       const int64_t t = pt[r];
-      if (t == ignore_index) continue;
+      if (t == ignore_index) {
+        if (pg) std::fill(pg + r * V, pg + (r + 1) * V, 0.f);
+        continue;
+      }
       if (t < 0 || t >= V) {
         bad = true;
         bad_value = t;
@@ -474,6 +503,7 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
       }
       row_loss[r] = l - x[t];
       counted[r] = 1;
+      if (pg) softmax_minus_onehot(x, plse[r], t, sc, pg + r * V, V);
     }
   });
   TORCH_CHECK(!bad, "moekit cross_entropy: target ", bad_value, " is out of range [0, ", V, ")");
@@ -484,38 +514,7 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
     count += counted[r];
   }
   auto opts = logits.options().dtype(at::kDouble);
-  return {torch::full({}, total, opts), torch::full({}, static_cast<double>(count), opts), lse};
-}
-
-// grad_logits[r, v] = (exp(x - lse[r]) - [v == t_r]) * scale for counted rows, 0 for ignored ones.
-torch::Tensor cross_entropy_backward(const torch::Tensor& logits, const torch::Tensor& targets,
-                                     const torch::Tensor& lse, double scale, int64_t ignore_index) {
-  check_float_contiguous(logits, "logits");
-  const int64_t N = logits.size(0), V = logits.size(1);
-  auto grad = torch::empty_like(logits);
-  const float* pl = logits.data_ptr<float>();
-  const int64_t* pt = targets.data_ptr<int64_t>();
-  const float* plse = lse.data_ptr<float>();
-  float* pg = grad.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float* g = pg + r * V;
-      const int64_t t = pt[r];
-      if (t == ignore_index) {
-        std::fill(g, g + V, 0.f);
-        continue;
-      }
-      const float* x = pl + r * V;
-      const Vec lv(plse[r]), sv(sc);
-      for (int64_t i = 0; i < V; i += Vec::size()) {
-        const int64_t k = std::min<int64_t>(Vec::size(), V - i);
-        ((Vec::loadu(x + i, k) - lv).exp() * sv).store(g + i, k);
-      }
-      g[t] -= sc;
-    }
-  });
-  return grad;
+  return {torch::full({}, total, opts), torch::full({}, static_cast<double>(count), opts), lse, grad};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -670,9 +669,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_forward", &rms_norm_forward, "RMSNorm forward, returns (y, rstd [N, 1])");
   m.def("rms_norm_backward", &rms_norm_backward, "RMSNorm backward, returns (grad_x, grad_w)");
   m.def("rope", &rope, "rotary position embedding into out");
-  m.def("cross_entropy_forward", &cross_entropy_forward, "(loss sum, count, lse) of a cross-entropy");
+  m.def("cross_entropy_forward", &cross_entropy_forward, "(loss sum, count, lse, grad of the mean or undefined)");
   m.def("experts_swiglu_forward", &experts_swiglu_forward, "SwiGLU experts over sorted rows, (y, h)");
   m.def("experts_swiglu_backward", &experts_swiglu_backward, "backward of experts_swiglu_forward");
   m.def("moe_decode", &moe_decode, "SwiGLU MoE experts for a few token-slots, (y, tokens per expert)");
-  m.def("cross_entropy_backward", &cross_entropy_backward, "gradient of the cross-entropy times scale");
 }
