@@ -429,20 +429,6 @@ void rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor&
 
 // Cross-entropy over rows of logits [N, V] with integer targets [N] (ignore_index rows count nothing):
 // returns (sum of the losses of the counted rows, their number, lse [N]); logsumexp per row in double.
-namespace {
-
-// g[v] = (exp(x[v] - lse) - [v == t]) * scale over a row of V logits.
-inline void softmax_minus_onehot(const float* x, float lse, int64_t t, float scale, float* g, int64_t V) {
-  const Vec lv(lse), sv(scale);
-  for (int64_t i = 0; i < V; i += Vec::size()) {
-    const int64_t k = std::min<int64_t>(Vec::size(), V - i);
-    ((Vec::loadu(x + i, k) - lv).exp() * sv).store(g + i, k);
-  }
-  g[t] -= scale;
-}
-
-}  // namespace
-
 // Also returns, when with_grad, the gradient of the mean loss with respect to the logits (the backward below with
 // scale 1 / count), written while each row is still in cache: one pass over the logits instead of two.
 std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, const torch::Tensor& targets,
@@ -485,15 +471,24 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
       }
       Vec acc(0.f);
       const Vec mv(mx);
+      float* g = pg ? pg + r * V : nullptr;  // with the gradient: exp(x - max) kept there for the second pass
       int64_t i = 0;
-      for (; i + Vec::size() <= V; i += Vec::size()) acc = acc + (Vec::loadu(x + i) - mv).exp();
+      for (; i + Vec::size() <= V; i += Vec::size()) {
+        const Vec e = (Vec::loadu(x + i) - mv).exp();
+        if (g) e.store(g + i);
+        acc = acc + e;
+      }
       double sum = lane_sum(acc);
-      for (; i < V; ++i) sum += std::exp(static_cast<double>(x[i]) - mx);
+      for (; i < V; ++i) {
+        const double e = std::exp(static_cast<double>(x[i]) - mx);
+        if (g) g[i] = static_cast<float>(e);
+        sum += e;
+      }
       const double l = static_cast<double>(mx) + std::log(sum);
       plse[r] = static_cast<float>(l);
       const int64_t t = pt[r];
       if (t == ignore_index) {
-        if (pg) std::fill(pg + r * V, pg + (r + 1) * V, 0.f);
+        if (g) std::fill(g, g + V, 0.f);
         continue;
       }
       if (t < 0 || t >= V) {
@@ -503,7 +498,14 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
       }
       row_loss[r] = l - x[t];
       counted[r] = 1;
-      if (pg) softmax_minus_onehot(x, plse[r], t, sc, pg + r * V, V);
+      if (g) {  // (softmax - one-hot) * scale = exp(x - max) * (scale / sum) - [v == t] * scale
+        const Vec f(static_cast<float>(sc / sum));
+        for (int64_t v = 0; v < V; v += Vec::size()) {
+          const int64_t k = std::min<int64_t>(Vec::size(), V - v);
+          (Vec::loadu(g + v, k) * f).store(g + v, k);
+        }
+        g[t] -= sc;
+      }
     }
   });
   TORCH_CHECK(!bad, "moekit cross_entropy: target ", bad_value, " is out of range [0, ", V, ")");
