@@ -102,7 +102,7 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
     """Plain SwiGLU experts (no biases) over expert-sorted rows in one C++ call each way (layers/kernels,
     float32 CPU): per expert, x_e @ w_in[e] -> silu(gate) * up * scale -> @ w_out[e], and in backward the five
     products and the SwiGLU backward of that expert back to back, so its intermediates stay in cache. Saves x and
-    h [M, 2F]; the activation is recomputed per expert in backward instead of being kept.
+    h [M, 2F]; the activation is not kept: the backward's SwiGLU pass writes it again per expert.
 
     With a dispatch plan, x is the [T, D] token tensor and the node is gather + experts + combine: each expert's
     rows are gathered into a cached scratch right before its GEMM (forward, and the output gradient's rows in

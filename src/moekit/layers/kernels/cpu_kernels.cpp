@@ -84,11 +84,12 @@ void swiglu_rows(const float* ph, const float* ps, float* po, int64_t M, int64_t
   });
 }
 
-// The backward of swiglu_rows: grad_h [M, 2F] (gate half, up half) and, if pgs is given, grad_scale [M].
+// The backward of swiglu_rows: grad_h [M, 2F] (gate half, up half), if pgs is given grad_scale [M], and if pa is
+// given the forward's output again, act * u * s [M, F] (the experts' backward needs it for w_out's gradient).
 //   sig = sigmoid(g), act = g * sig, dsilu = (g - act + 1) * sig
 //   grad_up = grad * act * s; grad_gate = grad * s * u * dsilu; grad_scale = sum_f grad * act * u
 void swiglu_backward_rows(const float* pg, const float* ph, const float* ps, float* pgh, float* pgs, int64_t M,
-                          int64_t F) {
+                          int64_t F, float* pa = nullptr) {
   const Vec one(1.f);
   at::parallel_for(0, M, grain_rows(3 * F), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
@@ -106,6 +107,7 @@ void swiglu_backward_rows(const float* pg, const float* ph, const float* ps, flo
         Vec act = gv * sig;
         Vec dup = dyv * act;  // grad * silu(g), before the scale
         if (pgs) acc = acc + dup * uv;
+        if (pa) (ps ? act * uv * s : act * uv).store(pa + m * F + i, n);
         Vec dsilu = (gv - act + one) * sig;
         Vec dgv = ps ? (dyv * s) * uv * dsilu : dyv * uv * dsilu;
         if (ps) dup = dup * s;
@@ -151,7 +153,7 @@ std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torc
 // and in backward the five products and the SwiGLU backward of expert e back to back, so each expert's
 // intermediates ([n, 2F] and [n, F], n ~ a few hundred rows) stay in cache between the GEMMs that make and use them
 // instead of round-tripping [M, 2F] tensors through memory, and the loop over experts costs no Python. The
-// activation [M, F] is not saved: the backward recomputes it per expert from h (one cheap pass).
+// activation [M, F] is not saved: the SwiGLU backward pass writes it again per expert from h, for w_out's gradient.
 //   x [M, D] rows of expert e at offsets sum(counts[:e]), counts [E] int64 summing to M, w_in [E, D, 2F] (gate then
 //   up), w_out [E, F, D], scale [M] or none. Forward returns (y [M, D], h [M, 2F] for the backward).
 //   With rows [M] (the plan's token index), x is the [T, D] token tensor and expert e's rows are gathered from it
@@ -286,14 +288,14 @@ std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, 
     auto gh_e = grad_h.narrow(0, 0, n);
     const float* ps_e = ps ? ps + off : nullptr;
     at::mm_out(ga_e, gy_e, w_out[e].t());
+    auto a_e = a.narrow(0, 0, n);  // the activation, rewritten by the SwiGLU backward's pass (not saved in forward)
+    swiglu_backward_rows(ga_e.data_ptr<float>(), h_e.data_ptr<float>(), ps_e, gh_e.data_ptr<float>(),
+                         grad_scale.defined() ? grad_scale.data_ptr<float>() + off : nullptr, n, F,
+                         need_grad_w ? a_e.data_ptr<float>() : nullptr);
     if (need_grad_w) {
-      auto a_e = a.narrow(0, 0, n);
-      swiglu_rows(h_e.data_ptr<float>(), ps_e, a_e.data_ptr<float>(), n, F);
       auto gwo = grad_w_out[e];
       at::mm_out(gwo, a_e.t(), gy_e);
     }
-    swiglu_backward_rows(ga_e.data_ptr<float>(), h_e.data_ptr<float>(), ps_e, gh_e.data_ptr<float>(),
-                         grad_scale.defined() ? grad_scale.data_ptr<float>() + off : nullptr, n, F);
     if (need_grad_x) {
       auto gx_e = grad_x.narrow(0, off, n);
       at::mm_out(gx_e, gh_e, w_in[e].t());
