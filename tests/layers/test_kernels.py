@@ -218,7 +218,9 @@ def _decode_reference(x, idx, w, w_in, w_out):
     return y
 
 
-@pytest.mark.parametrize("T,K,E,D,Fh", [(1, 8, 64, 64, 32), (5, 2, 4, 17, 9), (16, 4, 8, 48, 40), (3, 1, 3, 7, 3)])
+@pytest.mark.parametrize(
+    "T,K,E,D,Fh", [(1, 8, 64, 64, 32), (5, 2, 4, 17, 9), (16, 4, 8, 48, 40), (3, 1, 3, 7, 3), (1, 1, 4, 300, 260)]
+)  # the last: one expert, its columns split among the threads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_decode_kernel_equals_the_formula(fused_kernels, T, K, E, D, Fh, dtype):
     torch.manual_seed(T * 100 + D)
@@ -235,19 +237,20 @@ def test_moe_decode_kernel_equals_the_formula(fused_kernels, T, K, E, D, Fh, dty
     assert torch.equal(counts, torch.bincount(idx[idx >= 0], minlength=E))
 
 
-def test_moe_decode_kernel_is_bitwise_the_same_at_any_thread_count(fused_kernels):
+@pytest.mark.parametrize("T,K", [(8, 4), (1, 1), (1, 2)])  # (1, 1/2): one or two experts, columns split by threads
+def test_moe_decode_kernel_is_bitwise_the_same_at_any_thread_count(fused_kernels, T, K):
     torch.manual_seed(0)
-    x, idx, w = torch.randn(8, 64), torch.randint(0, 16, (8, 4)), torch.rand(8, 4)
-    w_in, w_out = torch.randn(16, 64, 96), torch.randn(16, 48, 64)
+    x, idx, w = torch.randn(T, 256), torch.randint(0, 16, (T, K)), torch.rand(T, K)
+    w_in, w_out = torch.randn(16, 256, 2 * 320), torch.randn(16, 320, 256)
     before = torch.get_num_threads()
     try:
         outs = []
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             outs.append(fused_kernels.moe_decode(x, idx, w, w_in, w_out)[0])
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_moe_decode_kernel_rejects_bad_input(fused_kernels):

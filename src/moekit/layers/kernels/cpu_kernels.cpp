@@ -541,35 +541,47 @@ inline Vec load_f(const at::BFloat16* p) {
 inline float to_f(float v) { return v; }
 inline float to_f(at::BFloat16 v) { return static_cast<float>(v); }
 
-// acc[j][c] += sum over r < R of a[r * n + j] * w[r * width + c], for the n rows j of acc (row stride ld) and
-// c < width: R consecutive rows of a weight matrix streamed together (R loads in flight per accumulator update).
+// acc[j][c] += sum over r < R of a[r * n + j] * w[r * ldw + c], for the n rows j of acc (row stride lda) and
+// c < width: R consecutive rows of a weight matrix (row stride ldw) streamed together (R loads in flight per
+// accumulator update).
 template <int R, typename W>
-inline void axpy_rows(float* acc, int64_t ld, const float* a, int64_t n, const W* w, int64_t width) {
+inline void axpy_rows(float* acc, int64_t lda, const float* a, int64_t n, const W* w, int64_t ldw, int64_t width) {
   int64_t c = 0;
   for (; c + Vec::size() <= width; c += Vec::size()) {
     Vec wv[R];
     for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(w + (r + 2 * R) * width + c);
-      wv[r] = load_f(w + r * width + c);
+      __builtin_prefetch(w + (r + 2 * R) * ldw + c);
+      wv[r] = load_f(w + r * ldw + c);
     }
     for (int64_t j = 0; j < n; ++j) {
-      float* p = acc + j * ld + c;
+      float* p = acc + j * lda + c;
       Vec s = Vec::loadu(p);
       for (int r = 0; r < R; ++r) s = at::vec::fmadd(Vec(a[r * n + j]), wv[r], s);
       s.store(p);
     }
   }
-  for (; c < width; ++c)
+  for (; c < width; ++c)  // the last columns one by one, with the same fused multiply-adds as the vector lanes
     for (int64_t j = 0; j < n; ++j)
-      for (int r = 0; r < R; ++r) acc[j * ld + c] += a[r * n + j] * to_f(w[r * width + c]);
+      for (int r = 0; r < R; ++r) acc[j * lda + c] = std::fma(a[r * n + j], to_f(w[r * ldw + c]), acc[j * lda + c]);
 }
 
-// acc [n, width] += a [rows, n]^T-ordered products with the rows x width matrix w, four rows at a time.
+// acc [n, width] (row stride width) += the products of a [rows, n] (feature-major) with columns [0, width) of the
+// rows x ldw matrix w, four rows at a time. Each output column sums its rows in the same order with the same fused
+// multiply-adds whatever the column range (vector lane or scalar tail), so splitting the columns among threads
+// changes no bit.
 template <typename W>
-inline void gemv_rows(float* acc, const float* a, int64_t n, const W* w, int64_t rows, int64_t width) {
+inline void gemv_rows(float* acc, const float* a, int64_t n, const W* w, int64_t rows, int64_t ldw, int64_t width) {
   int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) axpy_rows<4>(acc, width, a + i * n, n, w + i * width, width);
-  for (; i < rows; ++i) axpy_rows<1>(acc, width, a + i * n, n, w + i * width, width);
+  for (; i + 4 <= rows; i += 4) axpy_rows<4>(acc, width, a + i * n, n, w + i * ldw, ldw, width);
+  for (; i < rows; ++i) axpy_rows<1>(acc, width, a + i * n, n, w + i * ldw, ldw, width);
+}
+
+// Column blocks per expert for `touched` experts on this many threads: enough units for every thread (two each),
+// blocks of at least 64 columns; 1 (whole rows, one sequential stream per matrix) when the experts alone suffice.
+int64_t column_blocks(int64_t touched, int64_t width) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = (2 * threads + touched - 1) / std::max<int64_t>(touched, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(want, width / 64));
 }
 
 template <typename W>
@@ -592,29 +604,63 @@ void moe_decode_impl(const torch::Tensor& x, const int64_t* idx, const float* ga
     counts[e] = static_cast<int64_t>(slots[e].size());
     if (counts[e]) touched.push_back(e);
   }
-  at::parallel_for(0, static_cast<int64_t>(touched.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xs, h, a_col, y;
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t e = touched[u];
+  const int64_t U = static_cast<int64_t>(touched.size());
+  // Per touched expert: its tokens' x transposed (feature-major: the n values of input feature i side by side) and,
+  // between the two phases, its activation a[f][j] = w_j * silu(gate) * up, feature-major too.
+  std::vector<std::vector<float>> xs(U), a_col(U);
+  for (int64_t u = 0; u < U; ++u) {
+    const std::vector<int64_t>& sl = slots[touched[u]];
+    const int64_t n = static_cast<int64_t>(sl.size());
+    xs[u].resize(D * n);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < D; ++i) xs[u][i * n + j] = to_f(px[(sl[j] / K) * D + i]);
+    a_col[u].resize(F * n);
+  }
+  // Phase 1, units (expert, block of the F hidden columns): gate and up columns of the block, then the activation.
+  // With one block per expert the gate and up halves are one contiguous stream per row of w_in.
+  const int64_t nb1 = column_blocks(U, F);
+  at::parallel_for(0, U * nb1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> h, up;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t u = unit / nb1, b = unit % nb1, e = touched[u];
       const std::vector<int64_t>& sl = slots[e];
       const int64_t n = static_cast<int64_t>(sl.size());
-      xs.assign(D * n, 0.f);  // x transposed: the n tokens' values of input feature i side by side
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t i = 0; i < D; ++i) xs[i * n + j] = to_f(px[(sl[j] / K) * D + i]);
-      h.assign(n * 2 * F, 0.f);
+      const int64_t f0 = b * F / nb1, fw = (b + 1) * F / nb1 - f0;
       const W* wi = pin + e * D * 2 * F;
-      gemv_rows(h.data(), xs.data(), n, wi, D, 2 * F);
-      // a[f][j] = w_j * silu(gate) * up, stored feature-major like xs for the second product
-      a_col.assign(F * n, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float* g = h.data() + j * 2 * F;
-        const float s = gate_w[sl[j]];
-        for (int64_t f = 0; f < F; ++f) a_col[f * n + j] = s * (g[f] / (1.f + std::exp(-g[f]))) * g[F + f];
+      int64_t ld;  // row stride of the gate and up accumulators
+      const float* gate;
+      const float* upv;
+      if (nb1 == 1) {  // rows [gate | up] of width 2F
+        h.assign(n * 2 * F, 0.f);
+        gemv_rows(h.data(), xs[u].data(), n, wi, D, 2 * F, 2 * F);
+        ld = 2 * F, gate = h.data(), upv = h.data() + F;
+      } else {  // the block's gate and up columns, each [n, fw]
+        h.assign(n * fw, 0.f);
+        up.assign(n * fw, 0.f);
+        gemv_rows(h.data(), xs[u].data(), n, wi + f0, D, 2 * F, fw);
+        gemv_rows(up.data(), xs[u].data(), n, wi + F + f0, D, 2 * F, fw);
+        ld = fw, gate = h.data(), upv = up.data();
       }
-      y.assign(n * D, 0.f);
-      const W* wo = pout + e * F * D;
-      gemv_rows(y.data(), a_col.data(), n, wo, F, D);
-      for (int64_t j = 0; j < n; ++j) std::copy(y.data() + j * D, y.data() + (j + 1) * D, y_slots + sl[j] * D);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* g = gate + j * ld;
+        const float* uu = upv + j * ld;
+        const float s = gate_w[sl[j]];
+        for (int64_t f = 0; f < fw; ++f) a_col[u][(f0 + f) * n + j] = s * (g[f] / (1.f + std::exp(-g[f]))) * uu[f];
+      }
+    }
+  });
+  // Phase 2, units (expert, block of the D output columns): y = a @ w_out[e][:, block], into each slot's row.
+  const int64_t nb2 = column_blocks(U, D);
+  at::parallel_for(0, U * nb2, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> y;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t u = unit / nb2, b = unit % nb2, e = touched[u];
+      const std::vector<int64_t>& sl = slots[e];
+      const int64_t n = static_cast<int64_t>(sl.size());
+      const int64_t d0 = b * D / nb2, dw = (b + 1) * D / nb2 - d0;
+      y.assign(n * dw, 0.f);
+      gemv_rows(y.data(), a_col[u].data(), n, pout + e * F * D + d0, F, D, dw);
+      for (int64_t j = 0; j < n; ++j) std::copy(y.data() + j * dw, y.data() + (j + 1) * dw, y_slots + sl[j] * D + d0);
     }
   });
 }
