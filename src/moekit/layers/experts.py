@@ -289,9 +289,7 @@ class Experts(nn.Module):
         Returns:
             [M, D] expert outputs (times scale_M), row-aligned with x.
         """
-        w_in, w_out = self.w_in, self.w_out
-        if x_MD.dtype != w_in.dtype:  # autocast does not cover grouped_mm: run in the activation dtype
-            w_in, w_out = w_in.to(x_MD.dtype), w_out.to(x_MD.dtype)
+        w_in, w_out = self.weights_as(x_MD.dtype)
         if scale_M is not None:
             scale_M = scale_M.to(x_MD.dtype)
         if self._fused(x_MD, w_in, w_out, counts_E, scale_M):
@@ -316,21 +314,28 @@ class Experts(nn.Module):
     def forward_tokens(self, x_TD: Tensor, plan: dispatch.DispatchPlan) -> Tensor:
         """gather -> experts (times the plan's combine weights) -> combine: [T, D] -> [T, D]. One autograd node
         that never materialises the gathered rows where the fused C++ experts run, else the three steps."""
-        w_in, w_out = self.w_in, self.w_out
-        if x_TD.dtype != w_in.dtype:
-            w_in, w_out = w_in.to(x_TD.dtype), w_out.to(x_TD.dtype)
+        w_in, w_out = self.weights_as(x_TD.dtype)
         scale_M = plan.weights.to(x_TD.dtype)
         if plan.token_index.numel() and self._fused(x_TD, w_in, w_out, plan.counts, scale_M):
             return _FusedSwiGLUExperts.apply(x_TD.contiguous(), w_in, w_out, plan.counts, scale_M.contiguous(), plan)
         return dispatch.combine(self(dispatch.gather(x_TD, plan), plan.counts, plan.weights), plan)
 
+    @property
+    def plain_swiglu(self) -> bool:
+        """SwiGLU without biases: the experts the fused C++ paths (training, decoding) compute."""
+        return self.activation == "swiglu" and self.b_in is None and self.b_out is None
+
+    def weights_as(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(w_in, w_out) in the activation dtype (autocast does not cover grouped_mm)."""
+        if self.w_in.dtype == dtype:
+            return self.w_in, self.w_out
+        return self.w_in.to(dtype), self.w_out.to(dtype)
+
     def _fused(self, x_MD: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tensor, scale_M: Tensor | None) -> bool:
         """Whether the one-call C++ experts (`_FusedSwiGLUExperts`) take this call: plain SwiGLU without biases,
         float32 CPU, the default or loop implementation, kernels built."""
         return (
-            self.activation == "swiglu"
-            and self.b_in is None
-            and self.b_out is None
+            self.plain_swiglu
             and self.impl in ("auto", "loop")
             and w_in.is_contiguous()
             and w_out.is_contiguous()

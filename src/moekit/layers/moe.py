@@ -163,9 +163,7 @@ class MoE(nn.Module):
         or bfloat16, on the CPU, kernels built."""
         ex = self.experts
         return (
-            ex.activation == "swiglu"
-            and ex.b_in is None
-            and ex.b_out is None
+            ex.plain_swiglu
             and x_TD.dtype in (torch.float32, torch.bfloat16)
             and ex.w_in.dtype == x_TD.dtype
             and ex.w_in.device.type == "cpu"
@@ -188,8 +186,8 @@ class MoE(nn.Module):
             plan = dispatch.DispatchPlan(empty, empty, route.weights.new_zeros(0), counts_E, counts_E, T, K, None,
                                          zero, zero)
             return y_TD, plan
-        plain_swiglu = experts.activation == "swiglu" and experts.b_in is None and experts.b_out is None
-        w_in, w_out = experts.w_in.to(x_TD.dtype), experts.w_out.to(x_TD.dtype)
+        plain_swiglu = experts.plain_swiglu
+        w_in, w_out = experts.weights_as(x_TD.dtype)
         weights_N = route.weights.reshape(-1).to(x_TD.dtype)
         y_ND = x_TD.new_zeros(T * K, x_TD.shape[1])  # one row per slot; empty slots stay zero
         counts = [0] * E

@@ -126,7 +126,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_NV: Tensor, targets_N: Tensor) -> Tensor:  # type: ignore[override]
-        total, count, _, grad_NV = kernels.cpu_kernels().cross_entropy_forward(
+        total, count, grad_NV = kernels.cpu_kernels().cross_entropy_forward(
             logits_NV, targets_N, IGNORE_INDEX, ctx.needs_input_grad[0]
         )
         ctx.save_for_backward(grad_NV)

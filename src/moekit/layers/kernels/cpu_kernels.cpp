@@ -430,9 +430,9 @@ void rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor&
 }
 
 // Cross-entropy over rows of logits [N, V] with integer targets [N] (ignore_index rows count nothing):
-// returns (sum of the losses of the counted rows, their number, lse [N]); logsumexp per row in double.
-// Also returns, when with_grad, the gradient of the mean loss with respect to the logits (the backward below with
-// scale 1 / count), written while each row is still in cache: one pass over the logits instead of two.
+// returns (sum of the losses of the counted rows, their number, and when with_grad the gradient of the mean loss
+// with respect to the logits, else an undefined tensor); logsumexp per row in double. The gradient row,
+// (softmax - one-hot) / count, is written while the row is still in cache: one pass over the logits instead of two.
 std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, const torch::Tensor& targets,
                                                  int64_t ignore_index, bool with_grad) {
   check_float_contiguous(logits, "logits");
@@ -440,21 +440,17 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == logits.size(0),
               "moekit cross_entropy: targets must be N contiguous int64 values");
   const int64_t N = logits.size(0), V = logits.size(1);
-  auto lse = torch::empty({N}, logits.options());
   std::vector<double> row_loss(N, 0.0);
-  std::vector<char> counted(N, 0);
   const float* pl = logits.data_ptr<float>();
   const int64_t* pt = targets.data_ptr<int64_t>();
-  float* plse = lse.data_ptr<float>();
+  int64_t count = 0;  // the counted rows (an out-of-range target raises below)
+  for (int64_t r = 0; r < N; ++r) count += pt[r] != ignore_index;
   torch::Tensor grad;
   float* pg = nullptr;
-  float sc = 0.f;
+  const float sc = count ? static_cast<float>(1.0 / static_cast<double>(count)) : 0.f;
   if (with_grad) {
     grad = torch::empty_like(logits);
     pg = grad.data_ptr<float>();
-    int64_t n = 0;
-    for (int64_t r = 0; r < N; ++r) n += pt[r] != ignore_index;
-    sc = n ? static_cast<float>(1.0 / static_cast<double>(n)) : 0.f;
   }
   bool bad = false;
   int64_t bad_value = 0;
@@ -487,7 +483,6 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
         sum += e;
       }
       const double l = static_cast<double>(mx) + std::log(sum);
-      plse[r] = static_cast<float>(l);
       const int64_t t = pt[r];
       if (t == ignore_index) {
         if (g) std::fill(g, g + V, 0.f);
@@ -499,7 +494,6 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
         continue;
       }
       row_loss[r] = l - x[t];
-      counted[r] = 1;
       if (g) {  // (softmax - one-hot) * scale = exp(x - max) * (scale / sum) - [v == t] * scale
         const Vec f(static_cast<float>(sc / sum));
         for (int64_t v = 0; v < V; v += Vec::size()) {
@@ -512,13 +506,9 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
   });
   TORCH_CHECK(!bad, "moekit cross_entropy: target ", bad_value, " is out of range [0, ", V, ")");
   double total = 0.0;
-  int64_t count = 0;
-  for (int64_t r = 0; r < N; ++r) {
-    total += row_loss[r];
-    count += counted[r];
-  }
+  for (int64_t r = 0; r < N; ++r) total += row_loss[r];
   auto opts = logits.options().dtype(at::kDouble);
-  return {torch::full({}, total, opts), torch::full({}, static_cast<double>(count), opts), lse, grad};
+  return {torch::full({}, total, opts), torch::full({}, static_cast<double>(count), opts), grad};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -719,7 +709,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_forward", &rms_norm_forward, "RMSNorm forward, returns (y, rstd [N, 1])");
   m.def("rms_norm_backward", &rms_norm_backward, "RMSNorm backward, returns (grad_x, grad_w)");
   m.def("rope", &rope, "rotary position embedding into out");
-  m.def("cross_entropy_forward", &cross_entropy_forward, "(loss sum, count, lse, grad of the mean or undefined)");
+  m.def("cross_entropy_forward", &cross_entropy_forward, "(loss sum, count, grad of the mean or undefined)");
   m.def("experts_swiglu_forward", &experts_swiglu_forward, "SwiGLU experts over sorted rows, (y, h)");
   m.def("experts_swiglu_backward", &experts_swiglu_backward, "backward of experts_swiglu_forward");
   m.def("moe_decode", &moe_decode, "SwiGLU MoE experts for a few token-slots, (y, tokens per expert)");
