@@ -288,7 +288,7 @@ def test_moe_inference_with_few_tokens_takes_the_decode_kernel(fused_kernels, mo
 
 @pytest.mark.parametrize("E,D,Fh,M", [(4, 16, 12, 30), (5, 8, 3, 7), (16, 64, 40, 500), (1, 24, 17, 9)])
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_fused_swiglu_experts_equal_the_pytorch_path(fused_kernels, E, D, Fh, M, with_scale):
+def test_fused_swiglu_experts_equal_the_pytorch_path(fused_kernels, no_kernels, E, D, Fh, M, with_scale):
     from moekit.layers.experts import Experts
 
     torch.manual_seed(E * M)
@@ -296,7 +296,6 @@ def test_fused_swiglu_experts_equal_the_pytorch_path(fused_kernels, E, D, Fh, M,
     x, g = torch.randn(M, D), torch.randn(M, D)
     scale = torch.rand(M) if with_scale else None
     counts = torch.bincount(torch.randint(0, max(E - 1, 1), (M,)), minlength=E)  # the last expert idle (E > 1)
-    assert ex._fused(x, ex.w_in, ex.w_out, counts, scale)
     inputs = [x] + ([scale] if with_scale else [])
 
     def run():
@@ -304,13 +303,10 @@ def test_fused_swiglu_experts_equal_the_pytorch_path(fused_kernels, E, D, Fh, M,
         out = ex(leaves[0], counts, leaves[1] if with_scale else None)
         return out, list(torch.autograd.grad(out, leaves + [ex.w_in, ex.w_out], g))
 
+    ref, ref_grads = run()  # the PyTorch path (fixture `no_kernels`): segment GEMMs + the SwiGLU node
+    kernels._module = fused_kernels  # the fixture restores the previous state afterwards
+    assert ex._fused(x, ex.w_in, ex.w_out, counts, scale)
     ours, ours_grads = run()
-    saved = kernels._module, kernels._tried
-    kernels._module, kernels._tried = None, True  # the PyTorch path: segment GEMMs + the SwiGLU node
-    try:
-        ref, ref_grads = run()
-    finally:
-        kernels._module, kernels._tried = saved
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
     for a, b in zip(ours_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
