@@ -26,7 +26,7 @@ from moekit.layers.routing import RouterOutput, build_router
 _FEW_SLOTS = 16  # token-slots at or below which an inference call takes the decode path (T=1 up to K=16)
 # ... and with the fused decode kernel (layers/kernels), at or below this many slots and this many per expert on
 # average: it streams each touched expert's weights once, so it wins while few tokens share an expert (it is
-# ~1.3x faster than the grouped path at 1-8 tokens per expert, 2x slower at 16).
+# ~1.3x faster than the grouped path at 1-8 tokens per expert, 2x slower at 16: ad-hoc timings, one 2-core CPU).
 _DECODE_KERNEL_SLOTS, _DECODE_KERNEL_SLOTS_PER_EXPERT = 512, 8
 
 
