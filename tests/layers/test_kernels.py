@@ -387,3 +387,90 @@ def test_a_library_that_does_not_load_is_rebuilt_once(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match="did not load"):
         assert kernels._build() == "module"
     assert calls == [[f"{name}.so"], []]  # the bad library deleted before the second (building) load
+
+
+def _attention_reference(q, k, v, scale):
+    """Causal GQA attention in float64 by the formula (query head h reads key/value head h // (H / G))."""
+    H, G, S = q.shape[1], k.shape[1], q.shape[2]
+    k, v = k.double().repeat_interleave(H // G, dim=1), v.double().repeat_interleave(H // G, dim=1)
+    scores = q.double() @ k.transpose(-1, -2) * scale
+    scores = scores.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize(
+    "B,H,G,S,X", [(1, 1, 1, 2, 1), (2, 4, 2, 5, 16), (1, 3, 1, 70, 8), (2, 2, 2, 129, 24), (3, 4, 2, 64, 64)]
+)
+def test_causal_attention_kernel_equals_the_formula(fused_kernels, B, H, G, S, X):
+    from moekit.layers.attention import causal_attention
+
+    torch.manual_seed(S + X)
+    q, k, v, g = torch.randn(B, H, S, X) * 2, torch.randn(B, G, S, X) * 2, torch.randn(B, G, S, X), torch.randn(B, H, S, X)
+    scale = 0.7 / X**0.5
+    ours, ours_grads = _grads(lambda q, k, v: causal_attention(q, k, v, scale), [q, k, v], g)
+    ref, ref_grads = _grads(lambda q, k, v: _attention_reference(q, k, v, scale), [q.double(), k.double(), v.double()],
+                            g.double())
+    assert ours.grad_fn is not None and "CausalAttention" in type(ours.grad_fn).__name__
+    torch.testing.assert_close(ours.double(), ref, atol=2e-6, rtol=1e-5)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-5)
+
+
+def test_causal_attention_kernel_takes_the_fused_projection_layout_and_matches_sdpa(fused_kernels):
+    """q/k as strided views of one heads-major [B, H+G, S, X] buffer (what Attention passes), v its own tensor."""
+    from moekit.layers.attention import causal_attention
+
+    torch.manual_seed(0)
+    B, H, G, S, X = 2, 4, 2, 40, 32
+    qk = torch.randn(B, H + G, S, X)
+    q, k, v = qk[:, :H], qk[:, H:], torch.randn(B, G, S, X)
+    assert not q.is_contiguous() and q.stride(2) == X
+    g = torch.randn(B, H, S, X)
+    ours, ours_grads = _grads(causal_attention, [q, k, v], g)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    ref, ref_grads = _grads(sdpa, [q, k, v], g)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_attention_kernel_is_bitwise_the_same_at_any_thread_count(fused_kernels):
+    torch.manual_seed(0)
+    q, k, v, g = torch.randn(3, 4, 37, 16), torch.randn(3, 2, 37, 16), torch.randn(3, 2, 37, 16), torch.randn(3, 4, 37, 16)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out, p = fused_kernels.causal_attention_forward(q, k, v, 0.25)
+            results.append([out, p[..., :1], *fused_kernels.causal_attention_backward(g, q, k, v, out, p, 0.25)])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_causal_attention_routes_long_chunks_and_other_dtypes_to_sdpa(fused_kernels, monkeypatch):
+    from moekit.layers import attention
+
+    calls = []
+    monkeypatch.setattr(attention._CausalAttention, "apply", lambda *a: calls.append(a) or torch.zeros(()))
+    q, k = torch.randn(1, 2, attention.ATTENTION_KERNEL_MAX_SEQ + 1, 8), torch.randn(1, 1, 8, 8)
+    attention.causal_attention(q, q[:, :1], q[:, :1])  # longer than the kernel takes
+    attention.causal_attention(k.double(), k.double(), k.double())  # float64
+    attention.causal_attention(k[:, :, :1], k[:, :, :1], k[:, :, :1])  # one token: nothing to mask
+    assert not calls
+    attention.causal_attention(k, k, k)
+    assert len(calls) == 1
+
+
+def test_causal_attention_rejects_bad_shapes(fused_kernels):
+    from moekit.layers.attention import causal_attention
+
+    q = torch.randn(1, 4, 6, 8)
+    with pytest.raises(ValueError, match=r"k \(1, 3, 6, 8\) and v \(1, 3, 6, 8\) do not fit q \(1, 4, 6, 8\)"):
+        causal_attention(q, torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8))  # 3 does not divide 4
+    with pytest.raises(ValueError, match="do not fit"):
+        causal_attention(q, torch.randn(1, 2, 6, 8), torch.randn(1, 2, 5, 8))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        fused_kernels.causal_attention_forward(q.transpose(2, 3), q.transpose(2, 3), q.transpose(2, 3), 1.0)

@@ -269,6 +269,65 @@ class _Rope(torch.autograd.Function):
         return _rotate(grad_BSNX, cos_S1Y, sin_S1Y, negate_sin=True), None, None, None
 
 
+# The fused causal attention kernel keeps the probabilities [B, H, S, S] for its backward pass (no second softmax),
+# so it takes chunks up to this length; longer ones go to SDPA's flash kernel, whose memory is linear in S. At S=128
+# (tiny presets) it measured ~2x faster than the flash kernel forward+backward on this 2-core CPU
+# (benchmarks/bench_kernels.py "attention").
+ATTENTION_KERNEL_MAX_SEQ = 256
+
+
+def _heads_contiguous(t: Tensor) -> bool:
+    return t.stride(3) == 1 and t.stride(2) == t.shape[3]
+
+
+def causal_attention(q_BHSX: Tensor, k_BGSX: Tensor, v_BGSX: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(scale q k^T + causal mask) v over one chunk (query i sees keys 0..i), query head h reading key/value
+    head h // (H / G): the same as `F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+    enable_gqa=True)`.
+
+    Float32 CPU chunks of 2..ATTENTION_KERNEL_MAX_SEQ tokens run moekit's C++ kernel (layers/kernels: blocked GEMMs
+    that skip the masked blocks, the probabilities kept for the backward pass); anything else runs SDPA.
+
+    Args:
+        q_BHSX: [B, H, S, X] queries; k_BGSX, v_BGSX: [B, G, S, X] keys and values (G divides H).
+        scale: the softmax scale; None = 1/sqrt(X).
+    Returns:
+        [B, H, S, X].
+    """
+    B, H, S, X = q_BHSX.shape
+    if k_BGSX.shape != v_BGSX.shape or k_BGSX.shape[0] != B or k_BGSX.shape[2:] != (S, X) or H % k_BGSX.shape[1]:
+        raise ValueError(f"k {tuple(k_BGSX.shape)} and v {tuple(v_BGSX.shape)} do not fit q {tuple(q_BHSX.shape)}: "
+                         "expected [B, G, S, X] with G dividing H")
+    scale = 1.0 / math.sqrt(X) if scale is None else scale
+    if 1 < S <= ATTENTION_KERNEL_MAX_SEQ and kernels.usable(q_BHSX, k_BGSX, v_BGSX):
+        q, k, v = (t if _heads_contiguous(t) else t.contiguous() for t in (q_BHSX, k_BGSX, v_BGSX))
+        return _CausalAttention.apply(q, k, v, scale)
+    return F.scaled_dot_product_attention(
+        q_BHSX, k_BGSX, v_BGSX, is_causal=S > 1, scale=scale, enable_gqa=k_BGSX.shape[1] != H
+    )
+
+
+class _CausalAttention(torch.autograd.Function):
+    """`causal_attention` through the C++ kernel: one node, the probabilities saved (B*H*S*S floats)."""
+
+    @staticmethod
+    def forward(ctx, q_BHSX: Tensor, k_BGSX: Tensor, v_BGSX: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        out_BHSX, p_BHSS = kernels.cpu_kernels().causal_attention_forward(q_BHSX, k_BGSX, v_BGSX, scale)
+        ctx.save_for_backward(q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS)
+        ctx.scale = scale
+        return out_BHSX
+
+    @staticmethod
+    def backward(ctx, grad_BHSX: Tensor):  # type: ignore[override]
+        q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS = ctx.saved_tensors
+        if not _heads_contiguous(grad_BHSX):
+            grad_BHSX = grad_BHSX.contiguous()
+        gq, gk, gv = kernels.cpu_kernels().causal_attention_backward(
+            grad_BHSX, q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS, ctx.scale
+        )
+        return gq, gk, gv, None
+
+
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding.
 
@@ -423,10 +482,12 @@ class Attention(nn.Module):
                 k_BGSX, v_BGSX = k_cache[:, :, : start_pos + S], v_cache[:, :, : start_pos + S]
         if self.sinks is not None:
             k_BGSX, v_BGSX, mask = self._with_sink(k_BGSX, v_BGSX, mask, S)
-        is_causal = mask is None and k_BGSX.shape[2] == S and S > 1
-        out_BHSX = F.scaled_dot_product_attention(
-            q_BHSX, k_BGSX, v_BGSX, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=G != H
-        )
+        if mask is None and k_BGSX.shape[2] == S and S > 1:  # causal over the chunk itself
+            out_BHSX = causal_attention(q_BHSX, k_BGSX, v_BGSX, self.scale)
+        else:
+            out_BHSX = F.scaled_dot_product_attention(
+                q_BHSX, k_BGSX, v_BGSX, attn_mask=mask, scale=self.scale, enable_gqa=G != H
+            )
         return self.o_proj(out_BHSX.transpose(1, 2).reshape(B, S, H * X))
 
     def _norm_and_clip(self, qkv_BSY: Tensor) -> Tensor:

@@ -512,6 +512,239 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Causal self-attention over a short chunk (training, or a prefill with no cached prefix), grouped key/value heads.
+//   q [B, H, S, X], k and v [B, G, S, X] (H a multiple of G: query head h reads key/value head h / (H / G)), each
+//   head's [S, X] rows contiguous, any batch and head strides. out = softmax(scale * q k^T + causal mask) v.
+// At the lengths this serves (S of a few hundred, head dims of 32-128) BLAS calls are small and their fixed costs
+// dominate (MKL ran [64, 64] x [64, 128] at ~30 GFLOP/s here, cold), so the products are register-tiled loops of
+// fused multiply-adds (`gemm_tile`) that follow the causal triangle: each tile of kAttnRows query rows multiplies
+// only the keys up to its last row (about half the square's work). The probabilities P [B, H, S, S] are kept for
+// the backward pass, which then needs no second softmax; entries right of a row tile's last key are never written
+// nor read. Memory grows with S^2, so the caller takes this path for short chunks only. One task per (b, g) in a
+// fixed order: the result does not depend on the thread count.
+
+namespace {
+
+constexpr int kAttnRows = 4;  // rows per register tile (query rows in forward, key rows in the transposed products)
+
+// C[m, n] = (accumulate ? C[m, n] : 0) + sum over k < K of A(m, k) * B[k, n], for m < MR and n < N, where N fills
+// NV vectors (the last has N - (NV - 1) * V lanes, all of it when FULL). A(m, k) = a[m * a_rs + k * a_cs] (any
+// strides: each value is broadcast), B and C row-major with leading dimensions ldb and ldc. MR x NV accumulators
+// stay in registers; the products are added in k order with one rounding each (fused multiply-add).
+template <int MR, int NV, bool FULL>
+void gemm_tile(int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+               float* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t V = Vec::size();
+  const int64_t tail = FULL ? V : N - (NV - 1) * V;
+  Vec acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = Vec(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * ldb;
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (FULL || v + 1 < NV) ? Vec::loadu(bk + v * V) : Vec::loadu(bk + v * V, tail);
+    for (int m = 0; m < MR; ++m) {
+      const Vec av(a[m * a_rs + k * a_cs]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(av, bv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float* cm = c + m * ldc;
+    for (int v = 0; v < NV; ++v) {
+      const int64_t w = (FULL || v + 1 < NV) ? V : tail;
+      Vec r = acc[m][v];
+      if (accumulate) r = r + Vec::loadu(cm + v * V, w);
+      r.store(cm + v * V, w);
+    }
+  }
+}
+
+using GemmTileFn = void (*)(int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                            bool);
+
+template <int MR>
+GemmTileFn gemm_tile_for(int64_t nv, bool full) {
+  switch (nv) {
+    case 1: return full ? gemm_tile<MR, 1, true> : gemm_tile<MR, 1, false>;
+    case 2: return full ? gemm_tile<MR, 2, true> : gemm_tile<MR, 2, false>;
+    case 3: return full ? gemm_tile<MR, 3, true> : gemm_tile<MR, 3, false>;
+    default: return full ? gemm_tile<MR, 4, true> : gemm_tile<MR, 4, false>;
+  }
+}
+
+// The same product for mr <= kAttnRows rows and any N (in column blocks of four vectors).
+void gemm_rows(int64_t mr, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+               int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t V = Vec::size(), NB = 4 * V;
+  for (int64_t n0 = 0; n0 < N; n0 += NB) {
+    const int64_t nn = std::min(NB, N - n0), nv = (nn + V - 1) / V;
+    const bool full = nn % V == 0;
+    GemmTileFn fn = mr == 1 ? gemm_tile_for<1>(nv, full)
+                  : mr == 2 ? gemm_tile_for<2>(nv, full)
+                  : mr == 3 ? gemm_tile_for<3>(nv, full)
+                            : gemm_tile_for<4>(nv, full);
+    fn(nn, K, a, a_rs, a_cs, b + n0, ldb, c + n0, ldc, accumulate);
+  }
+}
+
+void check_heads(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.stride(3) == 1 &&
+                  t.stride(2) == t.size(3),
+              "moekit attention: ", name, " must be a float32 CPU [B, heads, S, X] tensor with contiguous [S, X] "
+              "heads, got ", t.scalar_type(), " ", t.sizes(), " with strides ", t.strides());
+}
+
+void check_attention_shapes(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  check_heads(q, "q");
+  check_heads(k, "k");
+  check_heads(v, "v");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3) &&
+                  k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "moekit attention: k ", k.sizes(), " and v ", v.sizes(), " do not fit q ", q.sizes(),
+              " (expected [B, G, S, X] with G dividing H)");
+}
+
+// Head (b, n) of a [B, N, S, X] tensor with contiguous heads.
+inline const float* head(const torch::Tensor& t, int64_t b, int64_t n) {
+  return t.data_ptr<float>() + b * t.stride(0) + n * t.stride(1);
+}
+
+// dst [X, S] = src [S, X]^T.
+void transpose_head(const float* src, float* dst, int64_t S, int64_t X) {
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t x = 0; x < X; ++x) dst[x * S + s] = src[s * X + x];
+}
+
+// One row of raw scores s[0, n): s[j] = softmax_j(scale * s) over j < valid, and 0 for valid <= j < n.
+void softmax_causal_row(float* s, int64_t valid, int64_t n, float scale) {
+  constexpr int64_t V = Vec::size();
+  const Vec sv(scale);
+  Vec mv(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < valid; j += V) {
+    const int64_t w = std::min(V, valid - j);
+    const Vec t = Vec::loadu(s + j, w) * sv;
+    t.store(s + j, w);
+    mv = at::vec::maximum(mv, w == V ? t : Vec::set(mv, t, w));
+  }
+  float lanes[V];
+  mv.store(lanes);
+  const float mx = *std::max_element(lanes, lanes + V);
+  const Vec m(mx);
+  Vec acc(0.f);
+  for (int64_t j = 0; j < valid; j += V) {
+    const int64_t w = std::min(V, valid - j);
+    const Vec e = (Vec::loadu(s + j, w) - m).exp();
+    e.store(s + j, w);
+    acc = acc + (w == V ? e : Vec::set(Vec(0.f), e, w));  // the lanes past w hold exp(0 - max): not summed
+  }
+  const Vec inv(static_cast<float>(1.0 / lane_sum(acc)));
+  for (int64_t j = 0; j < valid; j += V) {
+    const int64_t w = std::min(V, valid - j);
+    (Vec::loadu(s + j, w) * inv).store(s + j, w);
+  }
+  std::fill(s + valid, s + n, 0.f);
+}
+
+}  // namespace
+
+// Returns (out [B, H, S, X], P [B, H, S, S]).
+std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
+                                                    const torch::Tensor& v, double scale) {
+  check_attention_shapes(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), X = q.size(3), G = k.size(1), R = H / G;
+  auto out = torch::empty({B, H, S, X}, q.options());
+  auto p = torch::empty({B, H, S, S}, q.options());
+  float* po = out.data_ptr<float>();
+  float* pp = p.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(X * S);  // this group's keys transposed, [X, S]: the B operand of q k^T
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / G, g = bg % G;
+      transpose_head(head(k, b, g), kt.data(), S, X);
+      const float* vg = head(v, b, g);
+      for (int64_t h = g * R; h < (g + 1) * R; ++h) {
+        const float* qh = head(q, b, h);
+        float* ph = pp + (b * H + h) * S * S;
+        float* oh = po + (b * H + h) * S * X;
+        for (int64_t m0 = 0; m0 < S; m0 += kAttnRows) {
+          const int64_t mr = std::min<int64_t>(kAttnRows, S - m0), n = m0 + mr;  // keys [0, n) for these rows
+          gemm_rows(mr, n, X, qh + m0 * X, X, 1, kt.data(), S, ph + m0 * S, S, false);
+          for (int64_t i = m0; i < n; ++i) softmax_causal_row(ph + i * S, i + 1, n, sc);
+          gemm_rows(mr, X, n, ph + m0 * S, S, 1, vg, X, oh + m0 * X, X, false);
+        }
+      }
+    }
+  });
+  return {out, p};
+}
+
+// Returns (grad_q [B, H, S, X], grad_k, grad_v [B, G, S, X]). Per (b, g), over its query heads:
+// dP = dO V^T; dS = scale * P * (dP - rowsum(dO * out)); dQ = dS K; dV += P^T dO; dK += dS^T Q.
+std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& grad_out, const torch::Tensor& q,
+                                                     const torch::Tensor& k, const torch::Tensor& v,
+                                                     const torch::Tensor& out, const torch::Tensor& p,
+                                                     double scale) {
+  check_attention_shapes(q, k, v);
+  check_float_contiguous(out, "out");
+  check_float_contiguous(p, "P");
+  check_heads(grad_out, "grad_out");
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), X = q.size(3), G = k.size(1), R = H / G;
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && p.sizes() == at::IntArrayRef({B, H, S, S}),
+              "moekit attention: grad_out ", grad_out.sizes(), " / out ", out.sizes(), " / P ", p.sizes(),
+              " do not fit q ", q.sizes());
+  auto gq = torch::empty({B, H, S, X}, q.options());
+  auto gk = torch::empty({B, G, S, X}, q.options());
+  auto gv = torch::empty({B, G, S, X}, q.options());
+  const float* po = out.data_ptr<float>();
+  const float* pp = p.data_ptr<float>();
+  float* pgq = gq.data_ptr<float>();
+  float* pgk = gk.data_ptr<float>();
+  float* pgv = gv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> vt(X * S), ds(S * S);  // values transposed [X, S]; dS of one head [S, S]
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / G, g = bg % G;
+      const float* kg = head(k, b, g);
+      transpose_head(head(v, b, g), vt.data(), S, X);
+      float* gkg = pgk + (b * G + g) * S * X;
+      float* gvg = pgv + (b * G + g) * S * X;
+      for (int64_t h = g * R; h < (g + 1) * R; ++h) {
+        const float* qh = head(q, b, h);
+        const float* goh = head(grad_out, b, h);
+        const float* oh = po + (b * H + h) * S * X;
+        const float* ph = pp + (b * H + h) * S * S;
+        float* gqh = pgq + (b * H + h) * S * X;
+        const bool accumulate = h != g * R;  // the group's first head writes dK, dV; the others add
+        for (int64_t m0 = 0; m0 < S; m0 += kAttnRows) {  // query rows: dP, dS, dQ
+          const int64_t mr = std::min<int64_t>(kAttnRows, S - m0), n = m0 + mr;
+          float* dsm = ds.data() + m0 * S;
+          gemm_rows(mr, n, X, goh + m0 * X, X, 1, vt.data(), S, dsm, S, false);
+          for (int64_t i = m0; i < n; ++i) {
+            const float* prow = ph + i * S;
+            float* drow = ds.data() + i * S;
+            const Vec delta(dot(goh + i * X, oh + i * X, X)), sv(sc);
+            for (int64_t j = 0; j <= i; j += Vec::size()) {
+              const int64_t w = std::min<int64_t>(Vec::size(), i + 1 - j);
+              (Vec::loadu(prow + j, w) * (Vec::loadu(drow + j, w) - delta) * sv).store(drow + j, w);
+            }
+            std::fill(drow + i + 1, drow + n, 0.f);
+          }
+          gemm_rows(mr, X, n, dsm, S, 1, kg, X, gqh + m0 * X, X, false);
+        }
+        for (int64_t j0 = 0; j0 < S; j0 += kAttnRows) {  // key rows: query rows i >= j0 reach them
+          const int64_t mr = std::min<int64_t>(kAttnRows, S - j0);
+          gemm_rows(mr, X, S - j0, ph + j0 * S + j0, 1, S, goh + j0 * X, X, gvg + j0 * X, X, accumulate);
+          gemm_rows(mr, X, S - j0, ds.data() + j0 * S + j0, 1, S, qh + j0 * X, X, gkg + j0 * X, X, accumulate);
+        }
+      }
+    }
+  });
+  return {gq, gk, gv};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // MoE decode: a few token-slots, no autograd. Each touched expert's weights are streamed once from memory (the cost
 // of decoding is reading them) for all the tokens routed to it, as row-by-row multiply-adds into float32
 // accumulators, instead of PyTorch's ~8 small ops per slot. Float32 or bfloat16 weights (converted to float32 as
@@ -712,5 +945,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_forward", &cross_entropy_forward, "(loss sum, count, grad of the mean or undefined)");
   m.def("experts_swiglu_forward", &experts_swiglu_forward, "SwiGLU experts over sorted rows, (y, h)");
   m.def("experts_swiglu_backward", &experts_swiglu_backward, "backward of experts_swiglu_forward");
+  m.def("causal_attention_forward", &causal_attention_forward, "causal GQA attention, (out, P)");
+  m.def("causal_attention_backward", &causal_attention_backward, "backward of causal_attention_forward");
   m.def("moe_decode", &moe_decode, "SwiGLU MoE experts for a few token-slots, (y, tokens per expert)");
 }
