@@ -405,7 +405,8 @@ def test_causal_attention_kernel_equals_the_formula(fused_kernels, B, H, G, S, X
     from moekit.layers.attention import causal_attention
 
     torch.manual_seed(S + X)
-    q, k, v, g = torch.randn(B, H, S, X) * 2, torch.randn(B, G, S, X) * 2, torch.randn(B, G, S, X), torch.randn(B, H, S, X)
+    q, k, g = torch.randn(B, H, S, X) * 2, torch.randn(B, G, S, X) * 2, torch.randn(B, H, S, X)
+    v = torch.randn(B, G, S, X)
     scale = 0.7 / X**0.5
     ours, ours_grads = _grads(lambda q, k, v: causal_attention(q, k, v, scale), [q, k, v], g)
     ref, ref_grads = _grads(lambda q, k, v: _attention_reference(q, k, v, scale), [q.double(), k.double(), v.double()],
@@ -436,7 +437,8 @@ def test_causal_attention_kernel_takes_the_fused_projection_layout_and_matches_s
 
 def test_causal_attention_kernel_is_bitwise_the_same_at_any_thread_count(fused_kernels):
     torch.manual_seed(0)
-    q, k, v, g = torch.randn(3, 4, 37, 16), torch.randn(3, 2, 37, 16), torch.randn(3, 2, 37, 16), torch.randn(3, 4, 37, 16)
+    q, g = torch.randn(3, 4, 37, 16), torch.randn(3, 4, 37, 16)
+    k, v = torch.randn(3, 2, 37, 16), torch.randn(3, 2, 37, 16)
     before = torch.get_num_threads()
     try:
         results = []
