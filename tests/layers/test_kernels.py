@@ -459,11 +459,16 @@ def test_causal_attention_routes_long_chunks_and_other_dtypes_to_sdpa(fused_kern
     monkeypatch.setattr(attention._CausalAttention, "apply", lambda *a: calls.append(a) or torch.zeros(()))
     q, k = torch.randn(1, 2, attention.ATTENTION_KERNEL_MAX_SEQ + 1, 8), torch.randn(1, 1, 8, 8)
     attention.causal_attention(q, q[:, :1], q[:, :1])  # longer than the kernel takes
+    q_train = torch.randn(1, 1, attention.ATTENTION_KERNEL_MAX_TRAIN_SEQ + 1, 8, requires_grad=True)
+    attention.causal_attention(q_train, q_train, q_train)  # longer than it takes where the gradient is needed
     attention.causal_attention(k.double(), k.double(), k.double())  # float64
     attention.causal_attention(k[:, :, :1], k[:, :, :1], k[:, :, :1])  # one token: nothing to mask
+    attention.causal_attention(k, k, k, scale=-1.0)
     assert not calls
     attention.causal_attention(k, k, k)
-    assert len(calls) == 1
+    with torch.no_grad():
+        attention.causal_attention(q_train, q_train, q_train)  # no gradient: up to ATTENTION_KERNEL_MAX_SEQ
+    assert len(calls) == 2
 
 
 def test_causal_attention_rejects_bad_shapes(fused_kernels):
@@ -476,3 +481,36 @@ def test_causal_attention_rejects_bad_shapes(fused_kernels):
         causal_attention(q, torch.randn(1, 2, 6, 8), torch.randn(1, 2, 5, 8))
     with pytest.raises(RuntimeError, match="contiguous"):
         fused_kernels.causal_attention_forward(q.transpose(2, 3), q.transpose(2, 3), q.transpose(2, 3), 1.0)
+    with pytest.raises(RuntimeError, match="scale must be positive, got 0"):
+        fused_kernels.causal_attention_forward(q, q, q, 0.0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(qk_norm="head", scale=0.05), dict(qkv_bias=True, clip_qkv=1.5)])
+def test_attention_module_kernel_path_equals_the_pytorch_path(fused_kernels, no_kernels, kwargs):
+    """Attention's fused RoPE + causal attention node (one gradient tensor for the fused projection) against RoPE
+    and SDPA in PyTorch ops: output and the gradients of the input and of every weight."""
+    from moekit.layers import attention
+
+    torch.manual_seed(0)
+    module = attention.Attention(48, 4, 2, 12, **kwargs)
+    cos, sin = attention.rope_tables(40, 12, 10000.0)
+    x, g = torch.randn(3, 40, 48), torch.randn(3, 40, 48)
+
+    def run():
+        module.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = module(xi, cos[:40], sin[:40])
+        out.backward(g)
+        return out.grad_fn, out, [xi.grad] + [p.grad.clone() for p in module.parameters()]
+
+    _, ref, ref_grads = run()  # the PyTorch path (fixture `no_kernels`)
+    kernels._module = fused_kernels  # the fixture restores the previous state afterwards
+    nodes = []
+    original = attention._RopeCausalAttention.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention._RopeCausalAttention, "apply", lambda *a: nodes.append(1) or original(*a))
+        _, ours, ours_grads = run()
+    assert nodes == [1]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

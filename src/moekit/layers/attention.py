@@ -269,11 +269,13 @@ class _Rope(torch.autograd.Function):
         return _rotate(grad_BSNX, cos_S1Y, sin_S1Y, negate_sin=True), None, None, None
 
 
-# The fused causal attention kernel keeps the probabilities [B, H, S, S] for its backward pass (no second softmax),
-# so it takes chunks up to this length; longer ones go to SDPA's flash kernel, whose memory is linear in S. At S=128
-# (tiny presets) it measured ~2x faster than the flash kernel forward+backward on this 2-core CPU
-# (benchmarks/bench_kernels.py "attention").
-ATTENTION_KERNEL_MAX_SEQ = 256
+# The fused causal attention kernel (layers/kernels) takes chunks up to ATTENTION_KERNEL_MAX_SEQ tokens, and when
+# a gradient is needed up to ATTENTION_KERNEL_MAX_TRAIN_SEQ: it keeps the probabilities [B, H, S, S] for its
+# backward pass (no second softmax), memory that grows with S^2 where SDPA's flash kernel keeps [B, H, S]. Longer
+# chunks go to SDPA. Ad-hoc interleaved timings against the flash kernel, one thread: forward+backward 0.6x its time
+# at S=128 and 0.67x at S=256, inference 0.82x at S=512 and 1.9x at S=1024 (the [S, S] rows outgrow the cache).
+ATTENTION_KERNEL_MAX_SEQ = 512
+ATTENTION_KERNEL_MAX_TRAIN_SEQ = 256
 
 
 def _heads_contiguous(t: Tensor) -> bool:
@@ -285,8 +287,9 @@ def causal_attention(q_BHSX: Tensor, k_BGSX: Tensor, v_BGSX: Tensor, scale: floa
     head h // (H / G): the same as `F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
     enable_gqa=True)`.
 
-    Float32 CPU chunks of 2..ATTENTION_KERNEL_MAX_SEQ tokens run moekit's C++ kernel (layers/kernels: blocked GEMMs
-    that skip the masked blocks, the probabilities kept for the backward pass); anything else runs SDPA.
+    Float32 CPU chunks of 2..ATTENTION_KERNEL_MAX_SEQ tokens (..ATTENTION_KERNEL_MAX_TRAIN_SEQ where a gradient is
+    needed) with a positive scale run moekit's C++ kernel (layers/kernels: register-tiled products that follow the
+    causal triangle, the probabilities kept for the backward pass); anything else runs SDPA.
 
     Args:
         q_BHSX: [B, H, S, X] queries; k_BGSX, v_BGSX: [B, G, S, X] keys and values (G divides H).
@@ -299,12 +302,18 @@ def causal_attention(q_BHSX: Tensor, k_BGSX: Tensor, v_BGSX: Tensor, scale: floa
         raise ValueError(f"k {tuple(k_BGSX.shape)} and v {tuple(v_BGSX.shape)} do not fit q {tuple(q_BHSX.shape)}: "
                          "expected [B, G, S, X] with G dividing H")
     scale = 1.0 / math.sqrt(X) if scale is None else scale
-    if 1 < S <= ATTENTION_KERNEL_MAX_SEQ and kernels.usable(q_BHSX, k_BGSX, v_BGSX):
+    if _attention_kernel_takes(S, scale, q_BHSX, k_BGSX, v_BGSX):
         q, k, v = (t if _heads_contiguous(t) else t.contiguous() for t in (q_BHSX, k_BGSX, v_BGSX))
         return _CausalAttention.apply(q, k, v, scale)
     return F.scaled_dot_product_attention(
         q_BHSX, k_BGSX, v_BGSX, is_causal=S > 1, scale=scale, enable_gqa=k_BGSX.shape[1] != H
     )
+
+
+def _attention_kernel_takes(S: int, scale: float, *tensors: Tensor) -> bool:
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    max_seq = ATTENTION_KERNEL_MAX_TRAIN_SEQ if grad else ATTENTION_KERNEL_MAX_SEQ
+    return 1 < S <= max_seq and scale > 0 and kernels.usable(*tensors)
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -326,6 +335,44 @@ class _CausalAttention(torch.autograd.Function):
             grad_BHSX, q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS, ctx.scale
         )
         return gq, gk, gv, None
+
+
+class _RopeCausalAttention(torch.autograd.Function):
+    """RoPE of q and k, then `causal_attention`, from the fused projection [B, S, (H + 2G) X] as one node (the
+    kernel path of `Attention` without a cache): the gradient of the projection is written into one tensor (the
+    rotated-back q and k gradients and v's) instead of autograd concatenating the pieces of two splits."""
+
+    @staticmethod
+    def forward(ctx, qkv_BSY: Tensor, cos_SY: Tensor, sin_SY: Tensor, H: int, G: int, scale: float) -> Tensor:  # type: ignore[override]
+        module = kernels.cpu_kernels()
+        B, S, _ = qkv_BSY.shape
+        qkv_BSNX = qkv_BSY.view(B, S, H + 2 * G, -1)
+        X = qkv_BSNX.shape[-1]
+        qk_BNSX = torch.empty(B, H + G, S, X, dtype=qkv_BSY.dtype, device=qkv_BSY.device)
+        module.rope(qkv_BSNX[:, :, : H + G], cos_SY, sin_SY, False, qk_BNSX.transpose(1, 2))
+        v_BGSX = qkv_BSNX[:, :, H + G :].transpose(1, 2).contiguous()
+        q_BHSX, k_BGSX = qk_BNSX[:, :H], qk_BNSX[:, H:]
+        out_BHSX, p_BHSS = module.causal_attention_forward(q_BHSX, k_BGSX, v_BGSX, scale)
+        ctx.save_for_backward(q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS, cos_SY, sin_SY)
+        ctx.scale = scale
+        return out_BHSX
+
+    @staticmethod
+    def backward(ctx, grad_BHSX: Tensor):  # type: ignore[override]
+        q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS, cos_SY, sin_SY = ctx.saved_tensors
+        module = kernels.cpu_kernels()
+        if not _heads_contiguous(grad_BHSX):
+            grad_BHSX = grad_BHSX.contiguous()
+        gq_BHSX, gk_BGSX, gv_BGSX = module.causal_attention_backward(
+            grad_BHSX, q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS, ctx.scale
+        )
+        B, H, S, X = q_BHSX.shape
+        G = k_BGSX.shape[1]
+        grad_BSNX = torch.empty(B, S, H + 2 * G, X, dtype=grad_BHSX.dtype, device=grad_BHSX.device)
+        module.rope(gq_BHSX.transpose(1, 2), cos_SY, sin_SY, True, grad_BSNX[:, :, :H])  # rotated back
+        module.rope(gk_BGSX.transpose(1, 2), cos_SY, sin_SY, True, grad_BSNX[:, :, H : H + G])
+        grad_BSNX[:, :, H + G :] = gv_BGSX.transpose(1, 2)
+        return grad_BSNX.view(B, S, -1), None, None, None, None, None
 
 
 class KVCache:
@@ -468,6 +515,14 @@ class Attention(nn.Module):
         qkv_BSY = self.qkv_proj(x_BSD)  # Y = (H + 2G) X
         if self.q_norm is not None or self.clip_qkv is not None:
             qkv_BSY = self._norm_and_clip(qkv_BSY)
+        scale = 1.0 / math.sqrt(X) if self.scale is None else self.scale
+        if (
+            kv_cache is None and mask is None and self.sinks is None and qkv_BSY.is_contiguous()
+            and _attention_kernel_takes(S, scale, qkv_BSY, cos_SX, sin_SX)
+        ):  # fmt: skip
+            cos_SY, sin_SY = cos_SX[:, : X // 2], sin_SX[:, : X // 2]  # both halves of the tables are equal
+            out_BHSX = _RopeCausalAttention.apply(qkv_BSY, cos_SY, sin_SY, H, G, scale)
+            return self.o_proj(out_BHSX.transpose(1, 2).reshape(B, S, H * X))
         # split (not slicing): its backward is one concatenation of the gradients, not a zero-filled copy per slice
         qk_BSNX, v_BSGX = qkv_BSY.view(B, S, H + 2 * G, X).split([H + G, G], dim=2)
         # q and k rotated in one pass, into heads-major storage; v copied into it too: SDPA's CPU kernel runs

@@ -615,27 +615,25 @@ void transpose_head(const float* src, float* dst, int64_t S, int64_t X) {
     for (int64_t x = 0; x < X; ++x) dst[x * S + s] = src[s * X + x];
 }
 
-// One row of raw scores s[0, n): s[j] = softmax_j(scale * s) over j < valid, and 0 for valid <= j < n.
+// One row of raw scores s[0, n): s[j] = softmax_j(scale * s) over j < valid, and 0 for valid <= j < n. scale > 0,
+// so the largest scaled score is scale * max(s): two passes over the row (max; exp and sum) and the normalisation.
 void softmax_causal_row(float* s, int64_t valid, int64_t n, float scale) {
   constexpr int64_t V = Vec::size();
-  const Vec sv(scale);
-  Vec mv(-std::numeric_limits<float>::infinity());
+  const Vec lowest(-std::numeric_limits<float>::infinity());
+  Vec mv = lowest;
   for (int64_t j = 0; j < valid; j += V) {
     const int64_t w = std::min(V, valid - j);
-    const Vec t = Vec::loadu(s + j, w) * sv;
-    t.store(s + j, w);
-    mv = at::vec::maximum(mv, w == V ? t : Vec::set(mv, t, w));
+    mv = at::vec::maximum(mv, w == V ? Vec::loadu(s + j) : Vec::set(lowest, Vec::loadu(s + j, w), w));
   }
   float lanes[V];
   mv.store(lanes);
-  const float mx = *std::max_element(lanes, lanes + V);
-  const Vec m(mx);
+  const Vec sv(scale), neg_m(-scale * *std::max_element(lanes, lanes + V));
   Vec acc(0.f);
   for (int64_t j = 0; j < valid; j += V) {
     const int64_t w = std::min(V, valid - j);
-    const Vec e = (Vec::loadu(s + j, w) - m).exp();
+    const Vec e = at::vec::fmadd(Vec::loadu(s + j, w), sv, neg_m).exp();
     e.store(s + j, w);
-    acc = acc + (w == V ? e : Vec::set(Vec(0.f), e, w));  // the lanes past w hold exp(0 - max): not summed
+    acc = acc + (w == V ? e : Vec::set(Vec(0.f), e, w));  // the lanes past w hold exp(-max): not summed
   }
   const Vec inv(static_cast<float>(1.0 / lane_sum(acc)));
   for (int64_t j = 0; j < valid; j += V) {
@@ -651,6 +649,7 @@ void softmax_causal_row(float* s, int64_t valid, int64_t n, float scale) {
 std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
                                                     const torch::Tensor& v, double scale) {
   check_attention_shapes(q, k, v);
+  TORCH_CHECK(scale > 0, "moekit attention: scale must be positive, got ", scale);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), X = q.size(3), G = k.size(1), R = H / G;
   auto out = torch::empty({B, H, S, X}, q.options());
   auto p = torch::empty({B, H, S, S}, q.options());
