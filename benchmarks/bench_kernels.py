@@ -9,6 +9,8 @@ Cases (float32, shapes of tiny-mixtral's training step: batch 8 x 128 tokens, d=
   rmsnorm  RMSNorm fwd+bwd, x [8, 128, 256]
   rope     RoPE fwd+bwd into a heads-major buffer, q [8, 128, 8, 64]
   xent     the language model's cross-entropy fwd+bwd, logits [1024, 4096]
+  attn     causal GQA attention fwd+bwd, q [8, 4, 128, 64], k and v [8, 2, 128, 64] (off: SDPA's flash kernel)
+  attn512  the same, forward only without autograd (a prefill), q [1, 8, 512, 64], k and v [1, 4, 512, 64]
   step     one whole tiny-mixtral training step (fwd, bwd, fused AdamW)
 
 Usage: python benchmarks/bench_kernels.py [--threads N] [--repeats 30] [--step-repeats 12]
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import train_step_fn  # noqa: E402
 
 from moekit.layers import kernels  # noqa: E402
-from moekit.layers.attention import _RMSNorm, apply_rope  # noqa: E402
+from moekit.layers.attention import _RMSNorm, apply_rope, causal_attention  # noqa: E402
 from moekit.layers.experts import _ScaledSwiGLU  # noqa: E402
 from moekit.models.lm import MoELM, cross_entropy  # noqa: E402
 from moekit.presets import get_preset  # noqa: E402
@@ -50,11 +52,20 @@ def cases() -> dict:
     cos, sin = torch.randn(128, 64, generator=gen), torch.randn(128, 64, generator=gen)
     logits = torch.randn(1024, 4096, generator=gen).requires_grad_()
     targets = torch.randint(0, 4096, (1024,), generator=gen)
+    qa, ka, va = (torch.randn(8, n, 128, 64, generator=gen).requires_grad_() for n in (4, 2, 2))
+    qp, kp, vp = (torch.randn(1, n, 512, 64, generator=gen) for n in (8, 4, 4))
+
+    def prefill():
+        with torch.no_grad():
+            causal_attention(qp, kp, vp)
+
     return {
         "swiglu": fwd_bwd(lambda h, s: _ScaledSwiGLU.apply(h, s), h, s),
         "rmsnorm": fwd_bwd(lambda x, w: _RMSNorm.apply(x, w, 1e-5), x, w),
         "rope": fwd_bwd(lambda q: apply_rope(q, cos, sin, heads_major=True), q),
         "xent": fwd_bwd(cross_entropy, logits, targets),
+        "attn": fwd_bwd(causal_attention, qa, ka, va),
+        "attn512": prefill,
     }
 
 
