@@ -333,11 +333,12 @@ def test_fused_swiglu_experts_with_frozen_weights_or_input(fused_kernels):
 def test_fused_swiglu_experts_reject_bad_counts(fused_kernels):
     x, w_in, w_out = torch.randn(5, 8), torch.randn(3, 8, 6), torch.randn(3, 3, 8)
     with pytest.raises(RuntimeError, match="counts sum to 4, x has 5 rows"):
-        fused_kernels.experts_swiglu_forward(x, None, torch.tensor([1, 1, 2]), w_in, w_out, None)
+        fused_kernels.experts_swiglu_forward(x, None, torch.tensor([1, 1, 2]), w_in, w_out, None, False)
     with pytest.raises(RuntimeError, match="do not fit"):
-        fused_kernels.experts_swiglu_forward(x, None, torch.tensor([1, 2, 2]), w_in, torch.randn(3, 4, 8), None)
+        fused_kernels.experts_swiglu_forward(x, None, torch.tensor([1, 2, 2]), w_in, torch.randn(3, 4, 8), None, False)
     with pytest.raises(RuntimeError, match="row index 5 out of range for 5 rows"):
-        fused_kernels.experts_swiglu_forward(x, torch.tensor([0, 5, 1]), torch.tensor([1, 1, 1]), w_in, w_out, None)
+        rows = torch.tensor([0, 5, 1])
+        fused_kernels.experts_swiglu_forward(x, rows, torch.tensor([1, 1, 1]), w_in, w_out, None, True)
 
 
 @pytest.mark.parametrize("router", ["topk", "expert_choice", "noisy_topk"])
@@ -514,3 +515,24 @@ def test_attention_module_kernel_path_equals_the_pytorch_path(fused_kernels, no_
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(ours_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_experts_combine_sums_each_tokens_rows_even_when_listed_twice(fused_kernels):
+    """combine=True adds each expert's output rows (and in backward the input-gradient rows) into their tokens;
+    equal to the per-slot rows summed with index_add, also for a token listed twice in one expert's segment."""
+    torch.manual_seed(0)
+    T, D, E, Fh = 7, 40, 3, 24
+    x, w_in, w_out = torch.randn(T, D), torch.randn(E, D, 2 * Fh) / 6, torch.randn(E, Fh, D) / 5
+    rows = torch.tensor([0, 3, 3, 6, 1, 2, 0, 5, 4, 4])  # expert 0: 0, 3, 3 (twice), 6; expert 1: 1, 2; expert 2: ...
+    counts, scale = torch.tensor([4, 2, 4]), torch.rand(10)
+    y_T, h = fused_kernels.experts_swiglu_forward(x, rows, counts, w_in, w_out, scale, True)
+    y_M, h_M = fused_kernels.experts_swiglu_forward(x, rows, counts, w_in, w_out, scale, False)
+    assert y_T.shape == (T, D) and y_M.shape == (10, D) and torch.equal(h, h_M)
+    torch.testing.assert_close(y_T, torch.zeros(T, D).index_add_(0, rows, y_M), atol=1e-6, rtol=1e-6)
+    g_T = torch.randn(T, D)
+    fused = fused_kernels.experts_swiglu_backward(g_T, x, rows, h, counts, w_in, w_out, scale, True, True, True, True)
+    plain = fused_kernels.experts_swiglu_backward(g_T, x, rows, h, counts, w_in, w_out, scale, True, True, True, False)
+    assert fused[0].shape == (T, D) and plain[0].shape == (10, D)
+    torch.testing.assert_close(fused[0], torch.zeros(T, D).index_add_(0, rows, plain[0]), atol=1e-6, rtol=1e-6)
+    for a, b in zip(fused[1:], plain[1:]):
+        assert torch.equal(a, b)

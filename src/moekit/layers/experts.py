@@ -106,17 +106,19 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
 
     With a dispatch plan, x is the [T, D] token tensor and the node is gather + experts + combine: each expert's
     rows are gathered into a cached scratch right before its GEMM (forward, and the output gradient's rows in
-    backward), so neither the [M, D] gathered input nor the [M, D] gathered gradient is ever materialised.
+    backward), and its output rows (the input gradient's in backward) are added into their tokens right after, so
+    no [M, D] tensor (gathered input, per-slot output, their gradients) is ever materialised.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tensor,  # type: ignore[override]
                 scale_M: Tensor | None, plan: dispatch.DispatchPlan | None) -> Tensor:
         rows_M = None if plan is None else plan.token_index
-        y_MD, h_MX = kernels.cpu_kernels().experts_swiglu_forward(x, rows_M, counts_E, w_in, w_out, scale_M)
+        # with a plan: y is [T, D], each expert's output rows added into their tokens as they are made (combine)
+        y, h_MX = kernels.cpu_kernels().experts_swiglu_forward(x, rows_M, counts_E, w_in, w_out, scale_M, True)
         ctx.plan = plan
         ctx.save_for_backward(x, h_MX, counts_E, w_in, w_out, scale_M)
-        return y_MD if plan is None else dispatch.scatter_sum(y_MD, plan)
+        return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -125,10 +127,8 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
         need_x, need_w_in, need_w_out, _, need_scale, _ = ctx.needs_input_grad
         grad_x, grad_w_in, grad_w_out, grad_scale = kernels.cpu_kernels().experts_swiglu_backward(
             grad.contiguous(), x, None if plan is None else plan.token_index, h_MX, counts_E, w_in, w_out, scale_M,
-            need_x, need_w_in or need_w_out, need_scale,
-        )
-        if plan is not None and grad_x is not None:
-            grad_x = dispatch.scatter_sum(grad_x, plan)  # each token's slot rows summed in a fixed order
+            need_x, need_w_in or need_w_out, need_scale, True,
+        )  # with a plan, grad_x is [T, D]: each token's slot rows summed in a fixed order (expert order)
         return (grad_x, grad_w_in if need_w_in else None, grad_w_out if need_w_out else None, None,
                 grad_scale if need_scale else None, None)
 

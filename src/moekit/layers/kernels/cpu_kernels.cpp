@@ -204,6 +204,25 @@ torch::Tensor segment_rows(const torch::Tensor& src, const int64_t* rows, int64_
   return buf.narrow(0, 0, n);
 }
 
+// dst[rows[j]] += src[j] for j < n (src [n, D] contiguous, dst [T, D]): the combine of one expert's output rows
+// into their tokens. Threads split the columns, so a token listed twice in one segment is still summed without a
+// race; each token's rows are added in expert order, then segment order.
+void add_rows_into(const float* src, int64_t n, const int64_t* rows, float* dst, int64_t D) {
+  constexpr int64_t kBlock = 4 * Vec::size();
+  at::parallel_for(0, (D + kBlock - 1) / kBlock, std::max<int64_t>(1, 8192 / std::max<int64_t>(n * kBlock, 1)),
+                   [&](int64_t b0, int64_t b1) {
+    const int64_t c0 = b0 * kBlock, c1 = std::min(D, b1 * kBlock);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* sj = src + j * D;
+      float* dj = dst + rows[j] * D;
+      for (int64_t c = c0; c < c1; c += Vec::size()) {
+        const int64_t w = std::min<int64_t>(Vec::size(), c1 - c);
+        (Vec::loadu(dj + c, w) + Vec::loadu(sj + c, w)).store(dj + c, w);
+      }
+    }
+  });
+}
+
 void check_expert_weights(const torch::Tensor& x, const torch::Tensor& w_in, const torch::Tensor& w_out) {
   check_float_contiguous(x, "x");
   check_float_contiguous(w_in, "w_in");
@@ -216,20 +235,25 @@ void check_expert_weights(const torch::Tensor& x, const torch::Tensor& w_in, con
 
 }  // namespace
 
+// With rows and combine, y is the combined [T, D] output (each token's rows summed, in expert order) instead of
+// the per-slot [M, D] one, which is then never made: each expert's output rows go from a cached scratch into their
+// tokens.
 std::vector<torch::Tensor> experts_swiglu_forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& rows,
                                                   const torch::Tensor& counts, const torch::Tensor& w_in,
                                                   const torch::Tensor& w_out,
-                                                  const c10::optional<torch::Tensor>& scale) {
+                                                  const c10::optional<torch::Tensor>& scale, bool combine) {
   check_expert_weights(x, w_in, w_out);
   const int64_t M = rows.has_value() ? rows->numel() : x.size(0), D = x.size(1), E = w_in.size(0), F = w_out.size(1);
   const int64_t* r = row_index(rows, x.size(0));
   const std::vector<int64_t> n_e = segment_counts(counts, E, M);
   const float* ps = scale_data(scale, M);
+  const bool fuse_combine = combine && r;
   auto h = torch::empty({M, 2 * F}, x.options());
-  auto y = torch::empty({M, D}, x.options());
+  auto y = fuse_combine ? torch::zeros({x.size(0), D}, x.options()) : torch::empty({M, D}, x.options());
   const int64_t max_n = M ? *std::max_element(n_e.begin(), n_e.end()) : 0;
   auto a = torch::empty({max_n, F}, x.options());
   auto x_buf = torch::empty({r ? max_n : 0, D}, x.options());
+  auto y_buf = torch::empty({fuse_combine ? max_n : 0, D}, x.options());
   for (int64_t e = 0, off = 0; e < E; off += n_e[e], ++e) {
     const int64_t n = n_e[e];
     if (!n) continue;
@@ -237,8 +261,9 @@ std::vector<torch::Tensor> experts_swiglu_forward(const torch::Tensor& x, const 
     auto a_e = a.narrow(0, 0, n);
     at::mm_out(h_e, segment_rows(x, r, off, n, x_buf), w_in[e]);
     swiglu_rows(h_e.data_ptr<float>(), ps ? ps + off : nullptr, a_e.data_ptr<float>(), n, F);
-    auto y_e = y.narrow(0, off, n);
+    auto y_e = fuse_combine ? y_buf.narrow(0, 0, n) : y.narrow(0, off, n);
     at::mm_out(y_e, a_e, w_out[e]);
+    if (fuse_combine) add_rows_into(y_e.data_ptr<float>(), n, r + off, y.data_ptr<float>(), D);
   }
   return {y, h};
 }
@@ -250,7 +275,7 @@ std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, 
                                                    const torch::Tensor& counts, const torch::Tensor& w_in,
                                                    const torch::Tensor& w_out,
                                                    const c10::optional<torch::Tensor>& scale, bool need_grad_x,
-                                                   bool need_grad_w, bool need_grad_scale) {
+                                                   bool need_grad_w, bool need_grad_scale, bool combine) {
   check_expert_weights(x, w_in, w_out);
   check_float_contiguous(grad_y, "grad_y");
   check_float_contiguous(h, "h");
@@ -261,7 +286,8 @@ std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, 
   const std::vector<int64_t> n_e = segment_counts(counts, E, M);
   const float* ps = scale_data(scale, M);
   torch::Tensor grad_x, grad_w_in, grad_w_out, grad_scale;
-  if (need_grad_x) grad_x = torch::empty({M, D}, x.options());
+  const bool fuse_combine = combine && r;  // grad_x [T, D]: each token's slot rows summed (in expert order)
+  if (need_grad_x) grad_x = fuse_combine ? torch::zeros({x.size(0), D}, x.options()) : torch::empty({M, D}, x.options());
   if (need_grad_w) {
     grad_w_in = torch::empty_like(w_in);
     grad_w_out = torch::empty_like(w_out);
@@ -273,6 +299,7 @@ std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, 
   auto grad_h = torch::empty({max_n, 2 * F}, x.options());
   auto x_buf = torch::empty({r ? max_n : 0, D}, x.options());
   auto gy_buf = torch::empty({r ? max_n : 0, D}, x.options());
+  auto gx_buf = torch::empty({fuse_combine && need_grad_x ? max_n : 0, D}, x.options());
   for (int64_t e = 0, off = 0; e < E; off += n_e[e], ++e) {
     const int64_t n = n_e[e];
     if (!n) {
@@ -297,8 +324,9 @@ std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, 
       at::mm_out(gwo, a_e.t(), gy_e);
     }
     if (need_grad_x) {
-      auto gx_e = grad_x.narrow(0, off, n);
+      auto gx_e = fuse_combine ? gx_buf.narrow(0, 0, n) : grad_x.narrow(0, off, n);
       at::mm_out(gx_e, gh_e, w_in[e].t());
+      if (fuse_combine) add_rows_into(gx_e.data_ptr<float>(), n, r + off, grad_x.data_ptr<float>(), D);
     }
     if (need_grad_w) {
       auto gwi = grad_w_in[e];
