@@ -637,10 +637,15 @@ inline const float* head(const torch::Tensor& t, int64_t b, int64_t n) {
   return t.data_ptr<float>() + b * t.stride(0) + n * t.stride(1);
 }
 
-// dst [X, S] = src [S, X]^T.
+// dst [X, S] = src [S, X]^T, in blocks of 16 source rows: each destination row is written 16 contiguous values at
+// a time while the 16 source rows stay in L1 (a plain double loop stores one value per cache line).
 void transpose_head(const float* src, float* dst, int64_t S, int64_t X) {
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t x = 0; x < X; ++x) dst[x * S + s] = src[s * X + x];
+  constexpr int64_t kRows = 16;
+  for (int64_t s0 = 0; s0 < S; s0 += kRows) {
+    const int64_t s1 = std::min(S, s0 + kRows);
+    for (int64_t x = 0; x < X; ++x)
+      for (int64_t s = s0; s < s1; ++s) dst[x * S + s] = src[s * X + x];
+  }
 }
 
 // One row of raw scores s[0, n): s[j] = softmax_j(scale * s) over j < valid, and 0 for valid <= j < n. scale > 0,
@@ -653,9 +658,8 @@ void softmax_causal_row(float* s, int64_t valid, int64_t n, float scale) {
     const int64_t w = std::min(V, valid - j);
     mv = at::vec::maximum(mv, w == V ? Vec::loadu(s + j) : Vec::set(lowest, Vec::loadu(s + j, w), w));
   }
-  float lanes[V];
-  mv.store(lanes);
-  const Vec sv(scale), neg_m(-scale * *std::max_element(lanes, lanes + V));
+  const float mx = at::vec::vec_reduce_all([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mv);
+  const Vec sv(scale), neg_m(-scale * mx);
   Vec acc(0.f);
   for (int64_t j = 0; j < valid; j += V) {
     const int64_t w = std::min(V, valid - j);
@@ -663,7 +667,7 @@ void softmax_causal_row(float* s, int64_t valid, int64_t n, float scale) {
     e.store(s + j, w);
     acc = acc + (w == V ? e : Vec::set(Vec(0.f), e, w));  // the lanes past w hold exp(-max): not summed
   }
-  const Vec inv(static_cast<float>(1.0 / lane_sum(acc)));
+  const Vec inv(1.f / at::vec::vec_reduce_all([](Vec& a, Vec& b) { return a + b; }, acc));
   for (int64_t j = 0; j < valid; j += V) {
     const int64_t w = std::min(V, valid - j);
     (Vec::loadu(s + j, w) * inv).store(s + j, w);
@@ -751,7 +755,12 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& grad_o
           for (int64_t i = m0; i < n; ++i) {
             const float* prow = ph + i * S;
             float* drow = ds.data() + i * S;
-            const Vec delta(dot(goh + i * X, oh + i * X, X)), sv(sc);
+            Vec dacc(0.f);  // rowsum(dO * out), lanes then a vector reduction
+            for (int64_t x = 0; x < X; x += Vec::size()) {
+              const int64_t w = std::min<int64_t>(Vec::size(), X - x);
+              dacc = at::vec::fmadd(Vec::loadu(goh + i * X + x, w), Vec::loadu(oh + i * X + x, w), dacc);
+            }
+            const Vec delta(at::vec::vec_reduce_all([](Vec& a, Vec& b) { return a + b; }, dacc)), sv(sc);
             for (int64_t j = 0; j <= i; j += Vec::size()) {
               const int64_t w = std::min<int64_t>(Vec::size(), i + 1 - j);
               (Vec::loadu(prow + j, w) * (Vec::loadu(drow + j, w) - delta) * sv).store(drow + j, w);
