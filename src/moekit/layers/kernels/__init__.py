@@ -14,7 +14,10 @@ kernels here do each in one pass (forward) or one pass per output (backward):
   optionally gathering each expert's rows from the token tensor on the fly: the intermediates stay in cache and
   the [M, D] gathered input is never made;
 - `moe_decode`: a few token-slots without autograd (decoding): each touched expert's weights streamed once, in
-  float32 or bfloat16.
+  float32 or bfloat16;
+- `causal_attention_forward / causal_attention_backward`: causal grouped-query attention over a short chunk,
+  register-tiled multiply-adds that follow the causal triangle, the probabilities kept for the backward pass
+  (layers/attention.py `causal_attention` decides which chunks take it).
 
 They use `at::vec::Vectorized<float>` with the vector ISA torch itself dispatches to on this CPU (AVX2/AVX-512), so
 exp() is torch's own routine. Float32 contiguous CPU tensors only (the decode kernel also bfloat16); callers
