@@ -452,7 +452,9 @@ class Attention(nn.Module):
     """Causal multi-head attention with grouped key/value heads (GQA, Ainslie et al. 2023) and RoPE.
 
     Queries, keys and values come from one fused projection (one matmul instead of three); attention is
-    `torch.nn.functional.scaled_dot_product_attention` with scale 1/sqrt(X) unless `scale` says otherwise.
+    `torch.nn.functional.scaled_dot_product_attention` with scale 1/sqrt(X) unless `scale` says otherwise, except
+    where `causal_attention`'s C++ kernel takes the chunk (float32 CPU, short, no cache): then RoPE and the attention
+    are one autograd node (`_RopeCausalAttention`) from the fused projection.
 
     Args:
         d_model: D.
