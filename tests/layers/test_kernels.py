@@ -465,6 +465,9 @@ def test_causal_attention_routes_long_chunks_and_other_dtypes_to_sdpa(fused_kern
     attention.causal_attention(k.double(), k.double(), k.double())  # float64
     attention.causal_attention(k[:, :, :1], k[:, :, :1], k[:, :, :1])  # one token: nothing to mask
     attention.causal_attention(k, k, k, scale=-1.0)
+    with monkeypatch.context() as m:  # probabilities over the memory cap: B*H*S*S*4 = 256 bytes here
+        m.setattr(attention, "ATTENTION_KERNEL_MAX_PROBS_BYTES", 255)
+        attention.causal_attention(k, k, k)
     assert not calls
     attention.causal_attention(k, k, k)
     with torch.no_grad():

@@ -274,8 +274,11 @@ class _Rope(torch.autograd.Function):
 # backward pass (no second softmax), memory that grows with S^2 where SDPA's flash kernel keeps [B, H, S]. Longer
 # chunks go to SDPA. Ad-hoc interleaved timings against the flash kernel, one thread: forward+backward 0.6x its time
 # at S=128 and 0.67x at S=256, inference 0.82x at S=512 and 1.9x at S=1024 (the [S, S] rows outgrow the cache).
+# The probabilities of one call are also capped at ATTENTION_KERNEL_MAX_PROBS_BYTES (B*H*S*S floats), so a large
+# batch or many heads cannot take much more memory than SDPA would.
 ATTENTION_KERNEL_MAX_SEQ = 512
 ATTENTION_KERNEL_MAX_TRAIN_SEQ = 256
+ATTENTION_KERNEL_MAX_PROBS_BYTES = 64 << 20
 
 
 def _heads_contiguous(t: Tensor) -> bool:
@@ -288,8 +291,9 @@ def causal_attention(q_BHSX: Tensor, k_BGSX: Tensor, v_BGSX: Tensor, scale: floa
     enable_gqa=True)`.
 
     Float32 CPU chunks of 2..ATTENTION_KERNEL_MAX_SEQ tokens (..ATTENTION_KERNEL_MAX_TRAIN_SEQ where a gradient is
-    needed) with a positive scale run moekit's C++ kernel (layers/kernels: register-tiled products that follow the
-    causal triangle, the probabilities kept for the backward pass); anything else runs SDPA.
+    needed; probabilities within ATTENTION_KERNEL_MAX_PROBS_BYTES) with a positive scale run moekit's C++ kernel
+    (layers/kernels: register-tiled products that follow the causal triangle, the probabilities kept for the
+    backward pass); anything else runs SDPA.
 
     Args:
         q_BHSX: [B, H, S, X] queries; k_BGSX, v_BGSX: [B, G, S, X] keys and values (G divides H).
@@ -302,7 +306,7 @@ def causal_attention(q_BHSX: Tensor, k_BGSX: Tensor, v_BGSX: Tensor, scale: floa
         raise ValueError(f"k {tuple(k_BGSX.shape)} and v {tuple(v_BGSX.shape)} do not fit q {tuple(q_BHSX.shape)}: "
                          "expected [B, G, S, X] with G dividing H")
     scale = 1.0 / math.sqrt(X) if scale is None else scale
-    if _attention_kernel_takes(S, scale, q_BHSX, k_BGSX, v_BGSX):
+    if _attention_kernel_takes(B * H, S, scale, q_BHSX, k_BGSX, v_BGSX):
         q, k, v = (t if _heads_contiguous(t) else t.contiguous() for t in (q_BHSX, k_BGSX, v_BGSX))
         return _CausalAttention.apply(q, k, v, scale)
     return F.scaled_dot_product_attention(
@@ -310,10 +314,14 @@ def causal_attention(q_BHSX: Tensor, k_BGSX: Tensor, v_BGSX: Tensor, scale: floa
     )
 
 
-def _attention_kernel_takes(S: int, scale: float, *tensors: Tensor) -> bool:
+def _attention_kernel_takes(heads: int, S: int, scale: float, *tensors: Tensor) -> bool:
+    """Whether the C++ attention kernel takes `heads` (B*H) query heads of S tokens: see ATTENTION_KERNEL_*."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     max_seq = ATTENTION_KERNEL_MAX_TRAIN_SEQ if grad else ATTENTION_KERNEL_MAX_SEQ
-    return 1 < S <= max_seq and scale > 0 and kernels.usable(*tensors)
+    return (
+        1 < S <= max_seq and heads * S * S * 4 <= ATTENTION_KERNEL_MAX_PROBS_BYTES and scale > 0
+        and kernels.usable(*tensors)
+    )  # fmt: skip
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -520,7 +528,7 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(X) if self.scale is None else self.scale
         if (
             kv_cache is None and mask is None and self.sinks is None and qkv_BSY.is_contiguous()
-            and _attention_kernel_takes(S, scale, qkv_BSY, cos_SX, sin_SX)
+            and _attention_kernel_takes(B * H, S, scale, qkv_BSY, cos_SX, sin_SX)
         ):  # fmt: skip
             cos_SY, sin_SY = cos_SX[:, : X // 2], sin_SX[:, : X // 2]  # both halves of the tables are equal
             out_BHSX = _RopeCausalAttention.apply(qkv_BSY, cos_SY, sin_SY, H, G, scale)
