@@ -390,6 +390,13 @@ def test_a_library_that_does_not_load_is_rebuilt_once(monkeypatch, tmp_path):
     assert calls == [[f"{name}.so"], []]  # the bad library deleted before the second (building) load
 
 
+@pytest.fixture
+def attention_routing_as_here(monkeypatch):
+    """The attention kernel's routing as on this 2-core machine, whatever the test machine's thread count (it
+    leaves chunks with fewer key/value groups than half the threads to SDPA)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+
 def _attention_reference(q, k, v, scale):
     """Causal GQA attention in float64 by the formula (query head h reads key/value head h // (H / G))."""
     H, G, S = q.shape[1], k.shape[1], q.shape[2]
@@ -402,7 +409,7 @@ def _attention_reference(q, k, v, scale):
 @pytest.mark.parametrize(
     "B,H,G,S,X", [(1, 1, 1, 2, 1), (2, 4, 2, 5, 16), (1, 3, 1, 70, 8), (2, 2, 2, 129, 24), (3, 4, 2, 64, 64)]
 )
-def test_causal_attention_kernel_equals_the_formula(fused_kernels, B, H, G, S, X):
+def test_causal_attention_kernel_equals_the_formula(attention_routing_as_here, fused_kernels, B, H, G, S, X):
     from moekit.layers.attention import causal_attention
 
     torch.manual_seed(S + X)
@@ -418,7 +425,9 @@ def test_causal_attention_kernel_equals_the_formula(fused_kernels, B, H, G, S, X
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-5)
 
 
-def test_causal_attention_kernel_takes_the_fused_projection_layout_and_matches_sdpa(fused_kernels):
+def test_causal_attention_kernel_takes_the_fused_projection_layout_and_matches_sdpa(
+    attention_routing_as_here, fused_kernels
+):
     """q/k as strided views of one heads-major [B, H+G, S, X] buffer (what Attention passes), v its own tensor."""
     from moekit.layers.attention import causal_attention
 
@@ -453,7 +462,9 @@ def test_causal_attention_kernel_is_bitwise_the_same_at_any_thread_count(fused_k
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-def test_causal_attention_routes_long_chunks_and_other_dtypes_to_sdpa(fused_kernels, monkeypatch):
+def test_causal_attention_routes_long_chunks_and_other_dtypes_to_sdpa(
+    attention_routing_as_here, fused_kernels, monkeypatch
+):
     from moekit.layers import attention
 
     calls = []
@@ -467,6 +478,9 @@ def test_causal_attention_routes_long_chunks_and_other_dtypes_to_sdpa(fused_kern
     attention.causal_attention(k, k, k, scale=-1.0)
     with monkeypatch.context() as m:  # probabilities over the memory cap: B*H*S*S*4 = 256 bytes here
         m.setattr(attention, "ATTENTION_KERNEL_MAX_PROBS_BYTES", 255)
+        attention.causal_attention(k, k, k)
+    with monkeypatch.context() as m:  # one key/value group on a machine with 3+ threads: SDPA splits the queries
+        m.setattr(torch, "get_num_threads", lambda: 3)  # (the fixture's 2 is restored after the block)
         attention.causal_attention(k, k, k)
     assert not calls
     attention.causal_attention(k, k, k)
@@ -490,7 +504,9 @@ def test_causal_attention_rejects_bad_shapes(fused_kernels):
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(qk_norm="head", scale=0.05), dict(qkv_bias=True, clip_qkv=1.5)])
-def test_attention_module_kernel_path_equals_the_pytorch_path(fused_kernels, no_kernels, kwargs):
+def test_attention_module_kernel_path_equals_the_pytorch_path(
+    attention_routing_as_here, fused_kernels, no_kernels, kwargs
+):
     """Attention's fused RoPE + causal attention node (one gradient tensor for the fused projection) against RoPE
     and SDPA in PyTorch ops: output and the gradients of the input and of every weight."""
     from moekit.layers import attention
