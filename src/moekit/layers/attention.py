@@ -339,13 +339,15 @@ class _CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_BHSX: Tensor):  # type: ignore[override]
-        q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS = ctx.saved_tensors
-        if not _heads_contiguous(grad_BHSX):
-            grad_BHSX = grad_BHSX.contiguous()
-        gq, gk, gv = kernels.cpu_kernels().causal_attention_backward(
-            grad_BHSX, q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS, ctx.scale
-        )
-        return gq, gk, gv, None
+        return (*_attention_kernel_backward(grad_BHSX, *ctx.saved_tensors, ctx.scale), None)
+
+
+def _attention_kernel_backward(grad_BHSX: Tensor, q_BHSX: Tensor, k_BGSX: Tensor, v_BGSX: Tensor, out_BHSX: Tensor,
+                               p_BHSS: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad q, grad k, grad v) of the C++ attention kernel's forward (out, P) for the output gradient."""
+    if not _heads_contiguous(grad_BHSX):
+        grad_BHSX = grad_BHSX.contiguous()
+    return kernels.cpu_kernels().causal_attention_backward(grad_BHSX, q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS, scale)
 
 
 class _RopeCausalAttention(torch.autograd.Function):
@@ -355,15 +357,12 @@ class _RopeCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv_BSY: Tensor, cos_SY: Tensor, sin_SY: Tensor, H: int, G: int, scale: float) -> Tensor:  # type: ignore[override]
-        module = kernels.cpu_kernels()
         B, S, _ = qkv_BSY.shape
         qkv_BSNX = qkv_BSY.view(B, S, H + 2 * G, -1)
-        X = qkv_BSNX.shape[-1]
-        qk_BNSX = torch.empty(B, H + G, S, X, dtype=qkv_BSY.dtype, device=qkv_BSY.device)
-        module.rope(qkv_BSNX[:, :, : H + G], cos_SY, sin_SY, False, qk_BNSX.transpose(1, 2))
+        qk_BNSX = _rotate(qkv_BSNX[:, :, : H + G], cos_SY[:, None], sin_SY[:, None], heads_major=True).transpose(1, 2)
         v_BGSX = qkv_BSNX[:, :, H + G :].transpose(1, 2).contiguous()
         q_BHSX, k_BGSX = qk_BNSX[:, :H], qk_BNSX[:, H:]
-        out_BHSX, p_BHSS = module.causal_attention_forward(q_BHSX, k_BGSX, v_BGSX, scale)
+        out_BHSX, p_BHSS = kernels.cpu_kernels().causal_attention_forward(q_BHSX, k_BGSX, v_BGSX, scale)
         ctx.save_for_backward(q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS, cos_SY, sin_SY)
         ctx.scale = scale
         return out_BHSX
@@ -372,9 +371,7 @@ class _RopeCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_BHSX: Tensor):  # type: ignore[override]
         q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS, cos_SY, sin_SY = ctx.saved_tensors
         module = kernels.cpu_kernels()
-        if not _heads_contiguous(grad_BHSX):
-            grad_BHSX = grad_BHSX.contiguous()
-        gq_BHSX, gk_BGSX, gv_BGSX = module.causal_attention_backward(
+        gq_BHSX, gk_BGSX, gv_BGSX = _attention_kernel_backward(
             grad_BHSX, q_BHSX, k_BGSX, v_BGSX, out_BHSX, p_BHSS, ctx.scale
         )
         B, H, S, X = q_BHSX.shape

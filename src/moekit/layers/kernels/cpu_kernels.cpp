@@ -667,7 +667,7 @@ void softmax_causal_row(float* s, int64_t valid, int64_t n, float scale) {
     e.store(s + j, w);
     acc = acc + (w == V ? e : Vec::set(Vec(0.f), e, w));  // the lanes past w hold exp(-max): not summed
   }
-  const Vec inv(1.f / at::vec::vec_reduce_all([](Vec& a, Vec& b) { return a + b; }, acc));
+  const Vec inv(static_cast<float>(1.0 / lane_sum(acc)));
   for (int64_t j = 0; j < valid; j += V) {
     const int64_t w = std::min(V, valid - j);
     (Vec::loadu(s + j, w) * inv).store(s + j, w);
@@ -755,12 +755,7 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& grad_o
           for (int64_t i = m0; i < n; ++i) {
             const float* prow = ph + i * S;
             float* drow = ds.data() + i * S;
-            Vec dacc(0.f);  // rowsum(dO * out), lanes then a vector reduction
-            for (int64_t x = 0; x < X; x += Vec::size()) {
-              const int64_t w = std::min<int64_t>(Vec::size(), X - x);
-              dacc = at::vec::fmadd(Vec::loadu(goh + i * X + x, w), Vec::loadu(oh + i * X + x, w), dacc);
-            }
-            const Vec delta(at::vec::vec_reduce_all([](Vec& a, Vec& b) { return a + b; }, dacc)), sv(sc);
+            const Vec delta(dot(goh + i * X, oh + i * X, X)), sv(sc);  // rowsum(dO * out)
             for (int64_t j = 0; j <= i; j += Vec::size()) {
               const int64_t w = std::min<int64_t>(Vec::size(), i + 1 - j);
               (Vec::loadu(prow + j, w) * (Vec::loadu(drow + j, w) - delta) * sv).store(drow + j, w);
