@@ -305,13 +305,91 @@ def test_fused_swiglu_experts_equal_the_pytorch_path(fused_kernels, no_kernels, 
 
     ref, ref_grads = run()  # the PyTorch path (fixture `no_kernels`): segment GEMMs + the SwiGLU node
     kernels._module = fused_kernels  # the fixture restores the previous state afterwards
-    assert ex._fused(x, ex.w_in, ex.w_out, counts, scale)
+    assert ex._fused_operands(x, counts, scale) is not None
     ours, ours_grads = run()
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
     for a, b in zip(ours_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     if E > 1:
         assert not ours_grads[-1][-1].any() and not ours_grads[-2][-1].any()  # the idle expert: zero gradients
+
+
+def test_fused_experts_kernel_takes_bf16_weights_as_float32(fused_kernels):
+    """bfloat16 weights are converted to float32 exactly, so the kernel's results equal those of the float32 copies
+    bit for bit; the weight gradients are those results rounded to bfloat16 once."""
+    torch.manual_seed(1)
+    T, D, E, F = 40, 24, 4, 12
+    x, g = torch.randn(T, D), torch.randn(T, D)
+    w_in, w_out = torch.randn(E, D, 2 * F).bfloat16(), torch.randn(E, F, D).bfloat16()
+    counts, rows, scale = torch.tensor([10, 0, 20, 14]), torch.randint(0, T, (44,)), torch.rand(44)
+    for combine in (False, True):
+        y16, h16 = fused_kernels.experts_swiglu_forward(x, rows, counts, w_in, w_out, scale, combine)
+        y32, h32 = fused_kernels.experts_swiglu_forward(x, rows, counts, w_in.float(), w_out.float(), scale, combine)
+        assert y16.dtype == torch.float32 and torch.equal(y16, y32) and torch.equal(h16, h32)
+        grad_y = g  # with rows, the gradient is per token either way
+        got = fused_kernels.experts_swiglu_backward(grad_y, x, rows, h16, counts, w_in, w_out, scale, True, True, True,
+                                                    combine)
+        want = fused_kernels.experts_swiglu_backward(grad_y, x, rows, h32, counts, w_in.float(), w_out.float(), scale,
+                                                     True, True, True, combine)
+        assert [t.dtype for t in got] == [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]
+        for a, b in zip(got, want):
+            assert torch.equal(a, b.to(a.dtype))
+        assert not got[1][1].any() and not got[2][1].any()  # the idle expert
+    with pytest.raises(RuntimeError, match="w_in is BFloat16 but w_out is Float"):
+        fused_kernels.experts_swiglu_forward(x, rows, counts, w_in, w_out.float(), scale, True)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        fused_kernels.experts_swiglu_forward(x, rows, counts, w_in.half(), w_out.half(), scale, True)
+
+
+@pytest.mark.parametrize("params", ["bfloat16", "float32-autocast"])
+def test_bf16_experts_take_the_float32_kernel_where_bf16_gemms_are_emulated(fused_kernels, monkeypatch, params):
+    """On a CPU without bfloat16 matrix instructions the fused experts compute bfloat16 activations in float32 from
+    the stored parameters: the result is bfloat16 and matches the float64 formula on the same inputs within
+    bfloat16's rounding of the output, gradients come back in the parameters' dtype, and the MoE layer's dispatch
+    path takes it. Where the CPU has bfloat16 GEMMs the PyTorch path keeps them."""
+    from moekit import MoE, MoEConfig
+    from moekit.layers.experts import Experts
+
+    monkeypatch.setattr(kernels, "_bf16_emulated", True)
+    calls = []
+    real = fused_kernels.experts_swiglu_forward
+    monkeypatch.setattr(kernels._module, "experts_swiglu_forward", lambda *a: calls.append(a[3].dtype) or real(*a),
+                        raising=False)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=params != "bfloat16")
+    torch.manual_seed(2)
+    ex = Experts(4, 32, 24)
+    if params == "bfloat16":
+        ex = ex.to(torch.bfloat16)
+    counts = torch.tensor([9, 0, 14, 7])
+    x, scale = torch.randn(30, 32).bfloat16().requires_grad_(True), torch.rand(30)
+    with autocast:
+        y = ex(x, counts, scale)
+    assert calls == [ex.w_in.dtype] and y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert ex.w_in.grad.dtype == ex.w_in.dtype and x.grad.dtype == torch.bfloat16 and not ex.w_in.grad[1].any()
+    x64, w_in, w_out = x.detach().double(), ex.w_in.detach().double(), ex.w_out.detach().double()
+    expert_of_row = torch.repeat_interleave(torch.arange(4), counts)
+    want = torch.stack([
+        scale[m].double() * (torch.nn.functional.silu(x64[m] @ w_in[e, :, :24]) * (x64[m] @ w_in[e, :, 24:])) @ w_out[e]
+        for m, e in enumerate(expert_of_row.tolist())
+    ])
+    torch.testing.assert_close(y.detach().double(), want, atol=1e-2, rtol=8e-3)  # bf16 output rounding
+
+    torch.manual_seed(3)
+    moe = MoE(MoEConfig(d_model=32, d_ff=24, num_experts=8, top_k=2))
+    if params == "bfloat16":
+        moe = moe.to(torch.bfloat16)
+    xs = torch.randn(3, 20, 32).bfloat16()
+    calls.clear()
+    with autocast:
+        y_fused = moe(xs)
+    assert calls == [moe.experts.w_in.dtype] and y_fused.dtype == torch.bfloat16
+    monkeypatch.setattr(kernels, "_bf16_emulated", False)
+    calls.clear()
+    with autocast:
+        y_torch = moe(xs)
+    assert calls == []  # native bfloat16 GEMMs: the PyTorch path, rounding the hidden activations to bfloat16
+    torch.testing.assert_close(y_fused.float(), y_torch.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_fused_swiglu_experts_with_frozen_weights_or_input(fused_kernels):

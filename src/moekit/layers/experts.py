@@ -289,12 +289,13 @@ class Experts(nn.Module):
         Returns:
             [M, D] expert outputs (times scale_M), row-aligned with x.
         """
+        if x_MD.shape[0] > 0:  # no rows: the grouped_mm path keeps the empty result connected to the graph
+            fused = self._fused_call(x_MD, counts_E, scale_M, None)
+            if fused is not None:
+                return fused
         w_in, w_out = self.weights_as(x_MD.dtype)
         if scale_M is not None:
             scale_M = scale_M.to(x_MD.dtype)
-        if self._fused(x_MD, w_in, w_out, counts_E, scale_M):
-            scale_M = None if scale_M is None else scale_M.contiguous()
-            return _FusedSwiGLUExperts.apply(x_MD.contiguous(), w_in, w_out, counts_E, scale_M, None)
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         h_MX = grouped_mm(x_MD, w_in, counts_E, offsets_E, self.impl)
         if self.b_in is not None:
@@ -314,10 +315,10 @@ class Experts(nn.Module):
     def forward_tokens(self, x_TD: Tensor, plan: dispatch.DispatchPlan) -> Tensor:
         """gather -> experts (times the plan's combine weights) -> combine: [T, D] -> [T, D]. One autograd node
         that never materialises the gathered rows where the fused C++ experts run, else the three steps."""
-        w_in, w_out = self.weights_as(x_TD.dtype)
-        scale_M = plan.weights.to(x_TD.dtype)
-        if plan.token_index.numel() and self._fused(x_TD, w_in, w_out, plan.counts, scale_M):
-            return _FusedSwiGLUExperts.apply(x_TD.contiguous(), w_in, w_out, plan.counts, scale_M.contiguous(), plan)
+        if plan.token_index.numel():
+            fused = self._fused_call(x_TD, plan.counts, plan.weights, plan)
+            if fused is not None:
+                return fused
         return dispatch.combine(self(dispatch.gather(x_TD, plan), plan.counts, plan.weights), plan)
 
     @property
@@ -331,18 +332,38 @@ class Experts(nn.Module):
             return self.w_in, self.w_out
         return self.w_in.to(dtype), self.w_out.to(dtype)
 
-    def _fused(self, x_MD: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tensor, scale_M: Tensor | None) -> bool:
-        """Whether the one-call C++ experts (`_FusedSwiGLUExperts`) take this call: plain SwiGLU without biases,
-        float32 CPU, the default or loop implementation, kernels built."""
-        return (
-            self.plain_swiglu
-            and self.impl in ("auto", "loop")
-            and w_in.is_contiguous()
-            and w_out.is_contiguous()
-            and counts_E.device.type == "cpu"
-            and x_MD.shape[0] > 0  # no rows: the grouped_mm path keeps the empty result connected to the graph
-            and kernels.usable(x_MD, w_in, w_out, scale_M)
-        )
+    def _fused_operands(self, x: Tensor, counts_E: Tensor,
+                        scale_M: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
+        """(x, w_in, w_out, scale) as the one-call C++ experts (`_FusedSwiGLUExperts`) take them, or None where
+        they do not take this call. They take plain SwiGLU without biases, the default or loop implementation, on
+        CPU, kernels built: float32, and also bfloat16 where this CPU's bfloat16 GEMMs are emulated
+        (`kernels.bf16_matmul_emulated`): the activations are then computed in float32 from the parameters as
+        stored (bfloat16, or float32 under autocast; each bfloat16 expert converted in cache just before its
+        products) and the output rounded to bfloat16 once: ~4x faster than bfloat16 GEMMs there, and no less
+        precise."""
+        if not (self.plain_swiglu and self.impl in ("auto", "loop") and counts_E.device.type == "cpu"):
+            return None
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.bf16_matmul_emulated():
+            if self.w_in.dtype not in (torch.float32, torch.bfloat16) or self.w_out.dtype != self.w_in.dtype:
+                return None
+            w_in, w_out, x_run = self.w_in, self.w_out, x.float()
+        else:
+            w_in, w_out = self.weights_as(x.dtype)
+            x_run = x
+        scale_run = None if scale_M is None else scale_M.to(x_run.dtype).contiguous()
+        if not (w_in.is_contiguous() and w_out.is_contiguous() and w_in.device.type == "cpu"
+                and kernels.usable(x_run, scale_run)):
+            return None
+        return x_run.contiguous(), w_in, w_out, scale_run
+
+    def _fused_call(self, x: Tensor, counts_E: Tensor, scale_M: Tensor | None,
+                    plan: dispatch.DispatchPlan | None) -> Tensor | None:
+        """`_FusedSwiGLUExperts` on x (rows, or tokens with a plan) in x's dtype, or None (`_fused_operands`)."""
+        operands = self._fused_operands(x, counts_E, scale_M)
+        if operands is None:
+            return None
+        x_run, w_in, w_out, scale_run = operands
+        return _FusedSwiGLUExperts.apply(x_run, w_in, w_out, counts_E, scale_run, plan).to(x.dtype)
 
     def _segment_bias(self, b_EX: Tensor, counts_E: Tensor, like: Tensor) -> Tensor:
         return b_EX.to(like.dtype).repeat_interleave(counts_E, dim=0, output_size=like.shape[0])

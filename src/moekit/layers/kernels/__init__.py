@@ -13,6 +13,8 @@ kernels here do each in one pass (forward) or one pass per output (backward):
   time (GEMM -> SwiGLU -> GEMM, and the backward's five GEMMs and SwiGLU backward back to back, torch's own GEMMs),
   optionally gathering each expert's rows from the token tensor on the fly: the intermediates stay in cache and
   the [M, D] gathered input is never made;
+  bfloat16 expert weights are converted to float32 one expert at a time on CPUs where bfloat16 GEMMs are emulated
+  (`bf16_matmul_emulated`);
 - `moe_decode`: a few token-slots without autograd (decoding): each touched expert's weights streamed once, in
   float32 or bfloat16;
 - `causal_attention_forward / causal_attention_backward`: causal grouped-query attention over a short chunk,
@@ -176,6 +178,28 @@ def usable(*tensors: torch.Tensor | None) -> bool:
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
             return False
     return cpu_kernels() is not None
+
+
+def bf16_matmul_emulated() -> bool:
+    """Whether this CPU lacks bfloat16 matrix instructions (x86 without AVX512_BF16 or AMX-BF16), so that PyTorch's
+    bfloat16 GEMMs are emulated at about a quarter of the float32 rate: there the fused experts compute bfloat16
+    experts in float32 (bfloat16 storage, float32 arithmetic: the precision of a bfloat16 GEMM's float32
+    accumulation, without rounding the hidden activations to bfloat16 between the two products)."""
+    global _bf16_emulated
+    if _bf16_emulated is None:
+        try:
+            caps = torch._C._cpu._get_cpu_capability()
+        except Exception:  # an older or newer torch without this query: keep PyTorch's bfloat16 GEMMs
+            caps = {}
+        _bf16_emulated = (
+            caps.get("architecture") in ("x86_64", "AMD64")
+            and not caps.get("avx512_bf16", True)
+            and not caps.get("amx_bf16", True)
+        )
+    return _bf16_emulated
+
+
+_bf16_emulated: bool | None = None
 
 
 def reset() -> None:

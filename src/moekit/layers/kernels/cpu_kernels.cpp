@@ -223,14 +223,35 @@ void add_rows_into(const float* src, int64_t n, const int64_t* rows, float* dst,
   });
 }
 
+// The weights may be float32 or bfloat16 (both the same): bfloat16 ones are converted to float32 one expert at a time
+// (`float_weight`) and computed in float32, for CPUs without bfloat16 matrix instructions, where bfloat16 GEMMs are
+// emulated at about a quarter of the float32 rate; their gradients are computed in float32 and rounded once.
 void check_expert_weights(const torch::Tensor& x, const torch::Tensor& w_in, const torch::Tensor& w_out) {
   check_float_contiguous(x, "x");
-  check_float_contiguous(w_in, "w_in");
-  check_float_contiguous(w_out, "w_out");
+  for (const auto* w : {&w_in, &w_out})
+    TORCH_CHECK(w->device().is_cpu() && w->is_contiguous() &&
+                    (w->scalar_type() == at::kFloat || w->scalar_type() == at::kBFloat16),
+                "moekit experts: weights must be contiguous float32 or bfloat16 CPU tensors, got ", w->scalar_type(),
+                " on ", w->device(), w->is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type(), "moekit experts: w_in is ", w_in.scalar_type(),
+              " but w_out is ", w_out.scalar_type());
   TORCH_CHECK(x.dim() == 2 && w_in.dim() == 3 && w_out.dim() == 3 && w_in.size(1) == x.size(1) &&
                   w_in.size(2) == 2 * w_out.size(1) && w_out.size(0) == w_in.size(0) && w_out.size(2) == x.size(1),
               "moekit experts: w_in ", w_in.sizes(), " and w_out ", w_out.sizes(), " do not fit x ", x.sizes(),
               " (expected [E, D, 2F] and [E, F, D])");
+}
+
+// Expert e's [K, N] matrix of w in float32: the tensor's own view, or converted into buf (an [K, N] float32
+// scratch) when w is bfloat16.
+torch::Tensor float_weight(const torch::Tensor& w, int64_t e, const torch::Tensor& buf) {
+  if (w.scalar_type() == at::kFloat) return w[e];
+  return buf.copy_(w[e]);
+}
+
+// A [K, N] float32 scratch for one expert's matrix of w when w is bfloat16 (empty otherwise).
+torch::Tensor weight_buffer(const torch::Tensor& w, const torch::Tensor& x) {
+  if (w.scalar_type() == at::kFloat) return torch::empty({0}, x.options());
+  return torch::empty({w.size(1), w.size(2)}, x.options());
 }
 
 }  // namespace
@@ -254,15 +275,16 @@ std::vector<torch::Tensor> experts_swiglu_forward(const torch::Tensor& x, const 
   auto a = torch::empty({max_n, F}, x.options());
   auto x_buf = torch::empty({r ? max_n : 0, D}, x.options());
   auto y_buf = torch::empty({fuse_combine ? max_n : 0, D}, x.options());
+  const auto wi_buf = weight_buffer(w_in, x), wo_buf = weight_buffer(w_out, x);
   for (int64_t e = 0, off = 0; e < E; off += n_e[e], ++e) {
     const int64_t n = n_e[e];
     if (!n) continue;
     auto h_e = h.narrow(0, off, n);
     auto a_e = a.narrow(0, 0, n);
-    at::mm_out(h_e, segment_rows(x, r, off, n, x_buf), w_in[e]);
+    at::mm_out(h_e, segment_rows(x, r, off, n, x_buf), float_weight(w_in, e, wi_buf));
     swiglu_rows(h_e.data_ptr<float>(), ps ? ps + off : nullptr, a_e.data_ptr<float>(), n, F);
     auto y_e = fuse_combine ? y_buf.narrow(0, 0, n) : y.narrow(0, off, n);
-    at::mm_out(y_e, a_e, w_out[e]);
+    at::mm_out(y_e, a_e, float_weight(w_out, e, wo_buf));
     if (fuse_combine) add_rows_into(y_e.data_ptr<float>(), n, r + off, y.data_ptr<float>(), D);
   }
   return {y, h};
@@ -300,6 +322,12 @@ std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, 
   auto x_buf = torch::empty({r ? max_n : 0, D}, x.options());
   auto gy_buf = torch::empty({r ? max_n : 0, D}, x.options());
   auto gx_buf = torch::empty({fuse_combine && need_grad_x ? max_n : 0, D}, x.options());
+  // bfloat16 weights: each expert's matrices converted to float32 scratch, its weight gradients made in float32
+  // scratch and rounded into the bfloat16 gradient once
+  const auto wi_buf = weight_buffer(w_in, x), wo_buf = weight_buffer(w_out, x);
+  const bool bf16 = w_in.scalar_type() != at::kFloat;
+  const auto gwi_buf = need_grad_w && bf16 ? weight_buffer(w_in, x) : torch::Tensor();
+  const auto gwo_buf = need_grad_w && bf16 ? weight_buffer(w_out, x) : torch::Tensor();
   for (int64_t e = 0, off = 0; e < E; off += n_e[e], ++e) {
     const int64_t n = n_e[e];
     if (!n) {
@@ -314,23 +342,25 @@ std::vector<torch::Tensor> experts_swiglu_backward(const torch::Tensor& grad_y, 
     auto ga_e = grad_a.narrow(0, 0, n);
     auto gh_e = grad_h.narrow(0, 0, n);
     const float* ps_e = ps ? ps + off : nullptr;
-    at::mm_out(ga_e, gy_e, w_out[e].t());
+    at::mm_out(ga_e, gy_e, float_weight(w_out, e, wo_buf).t());
     auto a_e = a.narrow(0, 0, n);  // the activation, rewritten by the SwiGLU backward's pass (not saved in forward)
     swiglu_backward_rows(ga_e.data_ptr<float>(), h_e.data_ptr<float>(), ps_e, gh_e.data_ptr<float>(),
                          grad_scale.defined() ? grad_scale.data_ptr<float>() + off : nullptr, n, F,
                          need_grad_w ? a_e.data_ptr<float>() : nullptr);
     if (need_grad_w) {
-      auto gwo = grad_w_out[e];
+      auto gwo = bf16 ? gwo_buf : grad_w_out[e];
       at::mm_out(gwo, a_e.t(), gy_e);
+      if (bf16) grad_w_out[e].copy_(gwo);
     }
     if (need_grad_x) {
       auto gx_e = fuse_combine ? gx_buf.narrow(0, 0, n) : grad_x.narrow(0, off, n);
-      at::mm_out(gx_e, gh_e, w_in[e].t());
+      at::mm_out(gx_e, gh_e, float_weight(w_in, e, wi_buf).t());
       if (fuse_combine) add_rows_into(gx_e.data_ptr<float>(), n, r + off, grad_x.data_ptr<float>(), D);
     }
     if (need_grad_w) {
-      auto gwi = grad_w_in[e];
+      auto gwi = bf16 ? gwi_buf : grad_w_in[e];
       at::mm_out(gwi, segment_rows(x, r, off, n, x_buf).t(), gh_e);
+      if (bf16) grad_w_in[e].copy_(gwi);
     }
   }
   return {grad_x, grad_w_in, grad_w_out, grad_scale};
