@@ -101,6 +101,17 @@ def test_grad_accumulation_and_bf16_run(corpus_dir, tiny_moe_json, tmp_path):
     assert result.tokens == 2 * 2 * 2 * 32 and all(math.isfinite(r["loss"]) for r in result.history)
 
 
+@pytest.mark.parametrize("emulated", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_says_it_will_be_slower(
+    corpus_dir, tiny_moe_json, tmp_path, monkeypatch, emulated
+):
+    monkeypatch.setattr(trainer_module.kernels, "bf16_matmul_emulated", lambda: emulated)
+    lines: list[str] = []
+    Trainer(_config(corpus_dir, tiny_moe_json, tmp_path / "run", bf16=True), log=lines.append)
+    notes = [line for line in lines if "--bf16" in line]
+    assert len(notes) == int(emulated) and all("slower than float32" in line for line in notes)
+
+
 def test_the_same_seed_gives_the_same_losses_and_a_resume_after_a_crash_continues_them_exactly(
     corpus_dir, tiny_moe_json, tmp_path, monkeypatch
 ):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.layers import kernels
 from moekit.layers.moe import collect_stats, update_biases
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import Data, Tokenizer, prepare_data
@@ -321,6 +322,11 @@ class Trainer:
         self.progress = (_progress_enabled() if progress is None else progress) and self.is_main
         self.run_dir = Path(config.out)
         self.device = _device(config.device)
+        if config.bf16 and self.device.type == "cpu" and kernels.bf16_matmul_emulated():
+            self.log(
+                "note: --bf16 on a CPU without bfloat16 matrix instructions: PyTorch emulates bfloat16 GEMMs here "
+                "(4-30x slower than float32 on the machines measured), so this run will be slower than float32"
+            )
         found = ckpt.find_checkpoint(self.run_dir) if self.run_dir.exists() else None
         if found is not None and not resume and not overwrite:
             raise ValueError(f"{str(self.run_dir)!r} already holds a run: pass --resume to continue it or --overwrite")
