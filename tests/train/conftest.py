@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from pydoc_data.topics import topics
 
 from moekit.presets import get_preset
