@@ -584,6 +584,10 @@ std::vector<torch::Tensor> cross_entropy_forward(const torch::Tensor& logits, co
 namespace {
 
 constexpr int kAttnRows = 4;  // rows per register tile (query rows in forward, key rows in the transposed products)
+// Vectors per register tile row: kAttnRows x kAttnCols accumulators, kAttnCols loaded B vectors and one broadcast
+// must fit the register file: 4 x 4 + 5 = 21 of AVX-512's 32 registers, 4 x 2 + 3 = 11 of AVX2's 16 (4 x 4 there
+// spills to the stack in the inner loop).
+constexpr int kAttnCols = Vec::size() >= 16 ? 4 : 2;
 
 // C[m, n] = (accumulate ? C[m, n] : 0) + sum over k < K of A(m, k) * B[k, n], for m < MR and n < N, where N fills
 // NV vectors (the last has N - (NV - 1) * V lanes, all of it when FULL). A(m, k) = a[m * a_rs + k * a_cs] (any
@@ -630,10 +634,10 @@ GemmTileFn gemm_tile_for(int64_t nv, bool full) {
   }
 }
 
-// The same product for mr <= kAttnRows rows and any N (in column blocks of four vectors).
+// The same product for mr <= kAttnRows rows and any N (in column blocks of kAttnCols vectors).
 void gemm_rows(int64_t mr, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
                int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  constexpr int64_t V = Vec::size(), NB = 4 * V;
+  constexpr int64_t V = Vec::size(), NB = kAttnCols * V;
   for (int64_t n0 = 0; n0 < N; n0 += NB) {
     const int64_t nn = std::min(NB, N - n0), nv = (nn + V - 1) / V;
     const bool full = nn % V == 0;
