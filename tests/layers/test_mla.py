@@ -105,3 +105,29 @@ def test_absorbed_decoding_equals_the_plain_form_step_by_step(q_lora_rank):
             assert len(calls) == len(model.blocks)
     finally:
         MultiHeadLatentAttention._absorbed = original
+
+
+def test_causal_mla_attention_runs_the_attention_kernel_and_equals_sdpa(fused_kernels, no_kernels, monkeypatch):
+    from moekit.layers import attention, kernels
+
+    calls = []
+    real_apply = attention._CausalAttention.apply
+    monkeypatch.setattr(attention._CausalAttention, "apply", lambda *args: calls.append(1) or real_apply(*args))
+
+    def run():
+        model = tiny()
+        ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(1))
+        loss = model(ids, targets=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    kernels._module = fused_kernels  # the fixture `no_kernels` restores the previous state afterwards
+    loss, grads = run()
+    assert len(calls) == 2  # both layers' attention (v zero-padded from 6 to q/k's 12 dims) took the kernel
+    kernels._module = None
+    ref_loss, ref_grads = run()  # SDPA
+    assert len(calls) == 2
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
