@@ -125,12 +125,11 @@ class MultiHeadLatentAttention(nn.Module):
             out_BHSV = self._absorbed(q_nope_BSHN, q_rope_BSHR, latent_BSC, k_rope_BSR, mask)
         else:
             k_nope_BLHN, v_BLHV = self.kv_b_proj(latent_BSC).view(B, L, H, N + V).split([N, V], dim=-1)
-            k_BLHK = _with_rope(k_nope_BLHN, k_rope_BSR)
-            q_BSHK = _with_rope(q_nope_BSHN, q_rope_BSHR)
+            k_BHLK = _heads_with_rope(k_nope_BLHN, k_rope_BSR)
+            q_BHSK = _heads_with_rope(q_nope_BSHN, q_rope_BSHR)
             v_BHLX = v_BLHV.transpose(1, 2)
             if V < N + R:  # SDPA's fused CPU kernel needs v as wide as q/k (else its slow math path): zero-pad v,
                 v_BHLX = F.pad(v_BHLX, (0, N + R - V))  # then drop the padded output columns (7.5 vs 21.7 ms, S=512)
-            q_BHSK, k_BHLK = q_BSHK.transpose(1, 2), k_BLHK.transpose(1, 2)
             if is_causal and V <= N + R:  # `causal_attention`: the C++ kernel on short float32 CPU chunks, else SDPA
                 out_BHSV = causal_attention(q_BHSK, k_BHLK, v_BHLX, self.scale)[..., :V]
             else:
@@ -174,8 +173,12 @@ class MultiHeadLatentAttention(nn.Module):
 _ABSORB_MAX_NEW = 16
 
 
-def _with_rope(nope_BLHN: Tensor, rope: Tensor) -> Tensor:
-    """[nope; rope] per head; a 3-d rope [B, L, R] (the key's) is shared by every head."""
-    if rope.dim() == 3:
-        rope = rope[:, :, None].expand(-1, -1, nope_BLHN.shape[2], -1)
-    return torch.cat((nope_BLHN, rope), dim=-1)
+def _heads_with_rope(nope_BLHN: Tensor, rope: Tensor) -> Tensor:
+    """[B, H, L, N + R]: [nope; rope] per head, written once into head-major memory (each head's [L, N + R] rows
+    contiguous, as the attention kernel and SDPA read them); a 3-d rope [B, L, R] (the key's) is shared by every
+    head, a 4-d one is [B, L, H, R]."""
+    B, L, H, N = nope_BLHN.shape
+    out_BHLK = nope_BLHN.new_empty(B, H, L, N + rope.shape[-1])
+    out_BHLK[..., :N] = nope_BLHN.transpose(1, 2)
+    out_BHLK[..., N:] = rope[:, None] if rope.dim() == 3 else rope.transpose(1, 2)
+    return out_BHLK
