@@ -485,14 +485,16 @@ def _attention_reference(q, k, v, scale):
 
 
 @pytest.mark.parametrize(
-    "B,H,G,S,X", [(1, 1, 1, 2, 1), (2, 4, 2, 5, 16), (1, 3, 1, 70, 8), (2, 2, 2, 129, 24), (3, 4, 2, 64, 64)]
+    "B,H,G,S,X,Y",
+    [(1, 1, 1, 2, 1, 1), (2, 4, 2, 5, 16, 16), (1, 3, 1, 70, 8, 8), (2, 2, 2, 129, 24, 24), (3, 4, 2, 64, 64, 64),
+     (2, 4, 2, 33, 24, 16), (1, 2, 2, 70, 12, 20), (1, 2, 1, 9, 8, 3)],  # the last three: values of another width (MLA)
 )
-def test_causal_attention_kernel_equals_the_formula(attention_routing_as_here, fused_kernels, B, H, G, S, X):
+def test_causal_attention_kernel_equals_the_formula(attention_routing_as_here, fused_kernels, B, H, G, S, X, Y):
     from moekit.layers.attention import causal_attention
 
-    torch.manual_seed(S + X)
-    q, k, g = torch.randn(B, H, S, X) * 2, torch.randn(B, G, S, X) * 2, torch.randn(B, H, S, X)
-    v = torch.randn(B, G, S, X)
+    torch.manual_seed(S + X + Y)
+    q, k, g = torch.randn(B, H, S, X) * 2, torch.randn(B, G, S, X) * 2, torch.randn(B, H, S, Y)
+    v = torch.randn(B, G, S, Y)
     scale = 0.7 / X**0.5
     ours, ours_grads = _grads(lambda q, k, v: causal_attention(q, k, v, scale), [q, k, v], g)
     ref, ref_grads = _grads(lambda q, k, v: _attention_reference(q, k, v, scale), [q.double(), k.double(), v.double()],
@@ -501,6 +503,21 @@ def test_causal_attention_kernel_equals_the_formula(attention_routing_as_here, f
     torch.testing.assert_close(ours.double(), ref, atol=2e-6, rtol=1e-5)
     for a, b in zip(ours_grads, ref_grads):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Y", [5, 8, 12])
+def test_causal_attention_of_values_of_another_width_equals_the_formula_on_the_sdpa_path_too(Y):
+    from moekit.layers.attention import causal_attention
+
+    torch.manual_seed(Y)
+    q, k = torch.randn(2, 4, 11, 8, dtype=torch.float64), torch.randn(2, 2, 11, 8, dtype=torch.float64)
+    v, g = torch.randn(2, 2, 11, Y, dtype=torch.float64), torch.randn(2, 4, 11, Y, dtype=torch.float64)
+    ours, ours_grads = _grads(lambda q, k, v: causal_attention(q, k, v, 0.3), [q, k, v], g)  # float64: SDPA
+    ref, ref_grads = _grads(lambda q, k, v: _attention_reference(q, k, v, 0.3), [q, k, v], g)
+    assert ours.shape == (2, 4, 11, Y)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_causal_attention_kernel_takes_the_fused_projection_layout_and_matches_sdpa(
@@ -575,6 +592,10 @@ def test_causal_attention_rejects_bad_shapes(fused_kernels):
         causal_attention(q, torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8))  # 3 does not divide 4
     with pytest.raises(ValueError, match="do not fit"):
         causal_attention(q, torch.randn(1, 2, 6, 8), torch.randn(1, 2, 5, 8))
+    with pytest.raises(ValueError, match="do not fit"):
+        causal_attention(q, torch.randn(1, 2, 6, 8), torch.randn(1, 1, 6, 8))  # v's groups are not k's
+    with pytest.raises(RuntimeError, match="do not fit"):
+        fused_kernels.causal_attention_forward(q, q[:, :2], q[:, :1], 1.0)
     with pytest.raises(RuntimeError, match="contiguous"):
         fused_kernels.causal_attention_forward(q.transpose(2, 3), q.transpose(2, 3), q.transpose(2, 3), 1.0)
     with pytest.raises(RuntimeError, match="scale must be positive, got 0"):

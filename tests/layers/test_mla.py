@@ -123,7 +123,7 @@ def test_causal_mla_attention_runs_the_attention_kernel_and_equals_sdpa(fused_ke
 
     kernels._module = fused_kernels  # the fixture `no_kernels` restores the previous state afterwards
     loss, grads = run()
-    assert len(calls) == 2  # both layers' attention (v zero-padded from 6 to q/k's 12 dims) took the kernel
+    assert len(calls) == 2  # both layers' attention (v of 6 dims, q/k of 12) took the kernel
     kernels._module = None
     ref_loss, ref_grads = run()  # SDPA
     assert len(calls) == 2

@@ -296,22 +296,30 @@ def causal_attention(q_BHSX: Tensor, k_BGSX: Tensor, v_BGSX: Tensor, scale: floa
     backward pass); anything else runs SDPA.
 
     Args:
-        q_BHSX: [B, H, S, X] queries; k_BGSX, v_BGSX: [B, G, S, X] keys and values (G divides H).
+        q_BHSX: [B, H, S, X] queries; k_BGSX: [B, G, S, X] keys (G divides H); v_BGSY: [B, G, S, Y] values, Y may
+            differ from X (MLA's value heads).
         scale: the softmax scale; None = 1/sqrt(X).
     Returns:
-        [B, H, S, X].
+        [B, H, S, Y].
     """
     B, H, S, X = q_BHSX.shape
-    if k_BGSX.shape != v_BGSX.shape or k_BGSX.shape[0] != B or k_BGSX.shape[2:] != (S, X) or H % k_BGSX.shape[1]:
-        raise ValueError(f"k {tuple(k_BGSX.shape)} and v {tuple(v_BGSX.shape)} do not fit q {tuple(q_BHSX.shape)}: "
-                         "expected [B, G, S, X] with G dividing H")
+    v_BGSY = v_BGSX
+    G, Y = k_BGSX.shape[1], v_BGSY.shape[-1]
+    if (
+        k_BGSX.dim() != 4 or v_BGSY.dim() != 4 or k_BGSX.shape != (B, G, S, X) or v_BGSY.shape[:3] != (B, G, S)
+        or Y < 1 or H % G
+    ):  # fmt: skip
+        raise ValueError(f"k {tuple(k_BGSX.shape)} and v {tuple(v_BGSY.shape)} do not fit q {tuple(q_BHSX.shape)}: "
+                         "expected k [B, G, S, X] and v [B, G, S, Y] with G dividing H")
     scale = 1.0 / math.sqrt(X) if scale is None else scale
-    if _attention_kernel_takes(B * H, B * k_BGSX.shape[1], S, scale, q_BHSX, k_BGSX, v_BGSX):
-        q, k, v = (t if _heads_contiguous(t) else t.contiguous() for t in (q_BHSX, k_BGSX, v_BGSX))
+    if _attention_kernel_takes(B * H, B * G, S, scale, q_BHSX, k_BGSX, v_BGSY):
+        q, k, v = (t if _heads_contiguous(t) else t.contiguous() for t in (q_BHSX, k_BGSX, v_BGSY))
         return _CausalAttention.apply(q, k, v, scale)
-    return F.scaled_dot_product_attention(
-        q_BHSX, k_BGSX, v_BGSX, is_causal=S > 1, scale=scale, enable_gqa=k_BGSX.shape[1] != H
-    )
+    # SDPA's fused CPU kernel needs v as wide as q/k (else its math path, ~3x slower): a narrower v is zero-padded
+    # and the padded output columns dropped.
+    v_in = F.pad(v_BGSY, (0, X - Y)) if Y < X else v_BGSY
+    out_BHSZ = F.scaled_dot_product_attention(q_BHSX, k_BGSX, v_in, is_causal=S > 1, scale=scale, enable_gqa=G != H)
+    return out_BHSZ[..., :Y] if Y < X else out_BHSZ
 
 
 def _attention_kernel_takes(heads: int, groups: int, S: int, scale: float, *tensors: Tensor) -> bool:

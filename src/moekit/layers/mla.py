@@ -127,14 +127,13 @@ class MultiHeadLatentAttention(nn.Module):
             k_nope_BLHN, v_BLHV = self.kv_b_proj(latent_BSC).view(B, L, H, N + V).split([N, V], dim=-1)
             k_BHLK = _heads_with_rope(k_nope_BLHN, k_rope_BSR)
             q_BHSK = _heads_with_rope(q_nope_BSHN, q_rope_BSHR)
-            v_BHLX = v_BLHV.transpose(1, 2)
-            if V < N + R:  # SDPA's fused CPU kernel needs v as wide as q/k (else its slow math path): zero-pad v,
-                v_BHLX = F.pad(v_BHLX, (0, N + R - V))  # then drop the padded output columns (7.5 vs 21.7 ms, S=512)
-            if is_causal and V <= N + R:  # `causal_attention`: the C++ kernel on short float32 CPU chunks, else SDPA
-                out_BHSV = causal_attention(q_BHSK, k_BHLK, v_BHLX, self.scale)[..., :V]
-            else:
+            v_BHLV = v_BLHV.transpose(1, 2)
+            if is_causal:  # `causal_attention`: the C++ kernel on short float32 CPU chunks (v as it is), else SDPA
+                out_BHSV = causal_attention(q_BHSK, k_BHLK, v_BHLV, self.scale)
+            else:  # SDPA's fused CPU kernel needs v as wide as q/k (else its slow math path: 21.7 vs 7.5 ms, S=512):
+                pad = max(N + R - V, 0)  # zero-pad v, then drop the padded output columns
                 out_BHSV = F.scaled_dot_product_attention(
-                    q_BHSK, k_BHLK, v_BHLX, attn_mask=mask, is_causal=is_causal, scale=self.scale
+                    q_BHSK, k_BHLK, F.pad(v_BHLV, (0, pad)) if pad else v_BHLV, attn_mask=mask, scale=self.scale
                 )[..., :V]
         return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * V))
 

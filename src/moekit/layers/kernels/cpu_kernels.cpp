@@ -660,10 +660,11 @@ void check_attention_shapes(const torch::Tensor& q, const torch::Tensor& k, cons
   check_heads(q, "q");
   check_heads(k, "k");
   check_heads(v, "v");
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3) &&
-                  k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3) && v.size(0) == k.size(0) &&
+                  v.size(1) == k.size(1) && v.size(2) == k.size(2) && v.size(3) > 0 && k.size(1) > 0 &&
+                  q.size(1) % k.size(1) == 0,
               "moekit attention: k ", k.sizes(), " and v ", v.sizes(), " do not fit q ", q.sizes(),
-              " (expected [B, G, S, X] with G dividing H)");
+              " (expected k [B, G, S, X] and v [B, G, S, Y] with G dividing H)");
 }
 
 // Head (b, n) of a [B, N, S, X] tensor with contiguous heads.
@@ -711,13 +712,14 @@ void softmax_causal_row(float* s, int64_t valid, int64_t n, float scale) {
 
 }  // namespace
 
-// Returns (out [B, H, S, X], P [B, H, S, S]).
+// q [B, H, S, X], k [B, G, S, X], v [B, G, S, Y] (Y may differ from X: MLA's value heads). Returns (out [B, H, S, Y],
+// P [B, H, S, S]).
 std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
                                                     const torch::Tensor& v, double scale) {
   check_attention_shapes(q, k, v);
   TORCH_CHECK(scale > 0, "moekit attention: scale must be positive, got ", scale);
-  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), X = q.size(3), G = k.size(1), R = H / G;
-  auto out = torch::empty({B, H, S, X}, q.options());
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), X = q.size(3), Y = v.size(3), G = k.size(1), R = H / G;
+  auto out = torch::empty({B, H, S, Y}, q.options());
   auto p = torch::empty({B, H, S, S}, q.options());
   float* po = out.data_ptr<float>();
   float* pp = p.data_ptr<float>();
@@ -731,12 +733,12 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
       for (int64_t h = g * R; h < (g + 1) * R; ++h) {
         const float* qh = head(q, b, h);
         float* ph = pp + (b * H + h) * S * S;
-        float* oh = po + (b * H + h) * S * X;
+        float* oh = po + (b * H + h) * S * Y;
         for (int64_t m0 = 0; m0 < S; m0 += kAttnRows) {
           const int64_t mr = std::min<int64_t>(kAttnRows, S - m0), n = m0 + mr;  // keys [0, n) for these rows
           gemm_rows(mr, n, X, qh + m0 * X, X, 1, kt.data(), S, ph + m0 * S, S, false);
           for (int64_t i = m0; i < n; ++i) softmax_causal_row(ph + i * S, i + 1, n, sc);
-          gemm_rows(mr, X, n, ph + m0 * S, S, 1, vg, X, oh + m0 * X, X, false);
+          gemm_rows(mr, Y, n, ph + m0 * S, S, 1, vg, Y, oh + m0 * Y, Y, false);
         }
       }
     }
@@ -744,7 +746,7 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
   return {out, p};
 }
 
-// Returns (grad_q [B, H, S, X], grad_k, grad_v [B, G, S, X]). Per (b, g), over its query heads:
+// Returns (grad_q [B, H, S, X], grad_k [B, G, S, X], grad_v [B, G, S, Y]). Per (b, g), over its query heads:
 // dP = dO V^T; dS = scale * P * (dP - rowsum(dO * out)); dQ = dS K; dV += P^T dO; dK += dS^T Q.
 std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& grad_out, const torch::Tensor& q,
                                                      const torch::Tensor& k, const torch::Tensor& v,
@@ -754,13 +756,15 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& grad_o
   check_float_contiguous(out, "out");
   check_float_contiguous(p, "P");
   check_heads(grad_out, "grad_out");
-  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), X = q.size(3), G = k.size(1), R = H / G;
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && p.sizes() == at::IntArrayRef({B, H, S, S}),
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), X = q.size(3), Y = v.size(3), G = k.size(1), R = H / G;
+  const std::vector<int64_t> out_sizes{B, H, S, Y};  // (an IntArrayRef of a braced list would dangle)
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_sizes) && out.sizes() == at::IntArrayRef(out_sizes) &&
+                  p.sizes() == at::IntArrayRef({B, H, S, S}),
               "moekit attention: grad_out ", grad_out.sizes(), " / out ", out.sizes(), " / P ", p.sizes(),
-              " do not fit q ", q.sizes());
+              " do not fit q ", q.sizes(), " and v ", v.sizes());
   auto gq = torch::empty({B, H, S, X}, q.options());
   auto gk = torch::empty({B, G, S, X}, q.options());
-  auto gv = torch::empty({B, G, S, X}, q.options());
+  auto gv = torch::empty({B, G, S, Y}, q.options());
   const float* po = out.data_ptr<float>();
   const float* pp = p.data_ptr<float>();
   float* pgq = gq.data_ptr<float>();
@@ -768,28 +772,28 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& grad_o
   float* pgv = gv.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> vt(X * S), ds(S * S);  // values transposed [X, S]; dS of one head [S, S]
+    std::vector<float> vt(Y * S), ds(S * S);  // values transposed [Y, S]; dS of one head [S, S]
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G;
       const float* kg = head(k, b, g);
-      transpose_head(head(v, b, g), vt.data(), S, X);
+      transpose_head(head(v, b, g), vt.data(), S, Y);
       float* gkg = pgk + (b * G + g) * S * X;
-      float* gvg = pgv + (b * G + g) * S * X;
+      float* gvg = pgv + (b * G + g) * S * Y;
       for (int64_t h = g * R; h < (g + 1) * R; ++h) {
         const float* qh = head(q, b, h);
         const float* goh = head(grad_out, b, h);
-        const float* oh = po + (b * H + h) * S * X;
+        const float* oh = po + (b * H + h) * S * Y;
         const float* ph = pp + (b * H + h) * S * S;
         float* gqh = pgq + (b * H + h) * S * X;
         const bool accumulate = h != g * R;  // the group's first head writes dK, dV; the others add
         for (int64_t m0 = 0; m0 < S; m0 += kAttnRows) {  // query rows: dP, dS, dQ
           const int64_t mr = std::min<int64_t>(kAttnRows, S - m0), n = m0 + mr;
           float* dsm = ds.data() + m0 * S;
-          gemm_rows(mr, n, X, goh + m0 * X, X, 1, vt.data(), S, dsm, S, false);
+          gemm_rows(mr, n, Y, goh + m0 * Y, Y, 1, vt.data(), S, dsm, S, false);
           for (int64_t i = m0; i < n; ++i) {
             const float* prow = ph + i * S;
             float* drow = ds.data() + i * S;
-            const Vec delta(dot(goh + i * X, oh + i * X, X)), sv(sc);  // rowsum(dO * out)
+            const Vec delta(dot(goh + i * Y, oh + i * Y, Y)), sv(sc);  // rowsum(dO * out)
             for (int64_t j = 0; j <= i; j += Vec::size()) {
               const int64_t w = std::min<int64_t>(Vec::size(), i + 1 - j);
               (Vec::loadu(prow + j, w) * (Vec::loadu(drow + j, w) - delta) * sv).store(drow + j, w);
@@ -800,7 +804,7 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& grad_o
         }
         for (int64_t j0 = 0; j0 < S; j0 += kAttnRows) {  // key rows: query rows i >= j0 reach them
           const int64_t mr = std::min<int64_t>(kAttnRows, S - j0);
-          gemm_rows(mr, X, S - j0, ph + j0 * S + j0, 1, S, goh + j0 * X, X, gvg + j0 * X, X, accumulate);
+          gemm_rows(mr, Y, S - j0, ph + j0 * S + j0, 1, S, goh + j0 * Y, Y, gvg + j0 * Y, Y, accumulate);
           gemm_rows(mr, X, S - j0, ds.data() + j0 * S + j0, 1, S, qh + j0 * X, X, gkg + j0 * X, X, accumulate);
         }
       }
