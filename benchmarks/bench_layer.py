@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit import MoE, MoEConfig
+from moekit.layers import kernels
 
 CANDIDATES = ("moekit", "naive", "hf_grouped", "hf_eager")
 SLOW = ("naive", "hf_eager")  # seconds per training fwd+bwd at large E: fewer rounds (--slow-repeats)
@@ -368,6 +369,10 @@ def main() -> None:
 
     rows: list[dict] = []
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if "bfloat16" in dtypes and kernels.bf16_matmul_emulated():
+        print("note: this CPU has no bfloat16 matrix instructions, so PyTorch's bf16 GEMMs (the dense baseline, HF, "
+              "the naive loop) are emulated: ~4x slower than float32 on AVX-512 CPUs, 8-35x on AVX2-only ones, where "
+              "the bf16 training rows take hours (--dtypes float32 leaves them out)", file=sys.stderr)
     for dname in dtypes:
         dtype = getattr(torch, dname)
         for E, K, Fh in TRAIN_SHAPES if "train" in args.kinds else ():
