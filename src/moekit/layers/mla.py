@@ -26,11 +26,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MLAConfig
-from moekit.layers.attention import RMSNorm, apply_rope, causal_attention
+from moekit.layers.attention import RMSNorm, apply_rope, causal_attention, sdpa
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -128,13 +127,10 @@ class MultiHeadLatentAttention(nn.Module):
             k_BHLK = _heads_with_rope(k_nope_BLHN, k_rope_BSR)
             q_BHSK = _heads_with_rope(q_nope_BSHN, q_rope_BSHR)
             v_BHLV = v_BLHV.transpose(1, 2)
-            if is_causal:  # `causal_attention`: the C++ kernel on short float32 CPU chunks (v as it is), else SDPA
+            if is_causal:  # the C++ kernel on short float32 CPU chunks, else SDPA
                 out_BHSV = causal_attention(q_BHSK, k_BHLK, v_BHLV, self.scale)
-            else:  # SDPA's fused CPU kernel needs v as wide as q/k (else its slow math path: 21.7 vs 7.5 ms, S=512):
-                pad = max(N + R - V, 0)  # zero-pad v, then drop the padded output columns
-                out_BHSV = F.scaled_dot_product_attention(
-                    q_BHSK, k_BHLK, F.pad(v_BHLV, (0, pad)) if pad else v_BHLV, attn_mask=mask, scale=self.scale
-                )[..., :V]
+            else:
+                out_BHSV = sdpa(q_BHSK, k_BHLK, v_BHLV, attn_mask=mask, scale=self.scale)
         return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * V))
 
     def _absorbed(
